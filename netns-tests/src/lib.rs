@@ -1,0 +1,1 @@
+//! Harness for simulated wgmesh clusters in network namespaces.

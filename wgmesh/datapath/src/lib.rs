@@ -1,0 +1,1 @@
+//! wgmesh datapath: TC eBPF programs loaded with aya.

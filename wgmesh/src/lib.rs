@@ -1,0 +1,1 @@
+//! The wgmesh node agent.
