@@ -279,16 +279,28 @@ impl ServerHandle {
         self.state.store().rv()
     }
 
-    /// Stops everything and removes the control socket.
-    pub async fn shutdown(self) {
+    /// Stops everything, waits for the server tasks, and removes the control socket.
+    pub async fn shutdown(mut self) {
         self.state.phase.send_modify(|p| p.shutdown = true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
-        if let Some(p) = &self.control_socket {
+        self.remove_socket();
+        info!("stopped");
+    }
+
+    fn remove_socket(&mut self) {
+        if let Some(p) = self.control_socket.take() {
             let _ = std::fs::remove_file(p);
         }
-        info!("stopped");
+    }
+}
+
+/// Dropping the handle without [`ServerHandle::shutdown`] stops the server too (without waiting).
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.state.phase.send_modify(|p| p.shutdown = true);
+        self.remove_socket();
     }
 }
 

@@ -319,6 +319,8 @@ async fn compaction_makes_a_running_watcher_relist() {
     srv.create("a", json!({})).await;
     let mut rec = Recorder::start(srv.api(), watcher::Config::default());
     rec.until("InitDone", |e| *e == Ev::InitDone).await;
+    // the watch request follows InitDone: compact only once it is open
+    srv.wait_open_watches(1).await;
     srv.ctl.compact().await.expect("compact");
     let after = rec
         .until("the second InitDone", |e| *e == Ev::InitDone)
@@ -410,6 +412,8 @@ async fn injected_500s_surface_and_the_watcher_recovers() {
     assert_eq!(stats["by_client"]["127.0.0.1"]["failed_injected"], 2);
 
     // An injected 410 on a watch start arrives as ERROR inside a 200 stream: the watcher re-lists.
+    // The first watcher's watch must be open already, or it could take the rule.
+    srv.wait_open_watches(1).await;
     srv.ctl
         .fail(&FailSpec {
             status: 410,

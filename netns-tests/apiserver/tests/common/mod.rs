@@ -66,6 +66,15 @@ impl TestServer {
         Api::all(self.client())
     }
 
+    /// Waits until exactly `n` watch streams are open on the server.
+    pub async fn wait_open_watches(&self, n: u64) {
+        eventually(&format!("{n} open watches"), || async {
+            let stats = self.ctl.stats().await.ok()?;
+            (stats["open_watches"].as_u64() == Some(n)).then_some(())
+        })
+        .await;
+    }
+
     pub async fn create(&self, name: &str, labels: Value) {
         self.ctl
             .create_node(&node(name, labels))
