@@ -1,0 +1,68 @@
+//! The agent's status document, served as JSON on its local status endpoint (`GET /status`) and read
+//! by `wgmeshctl status`. Adding fields is compatible; renaming or removing one is not.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::PublicKey;
+
+/// Version of this document's schema.
+pub const STATUS_SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentStatus {
+    pub schema_version: u32,
+    pub node: String,
+    pub interface: String,
+    /// `kernel` or `userspace`.
+    pub backend: String,
+    pub public_key: PublicKey,
+    pub key_generation: u64,
+    pub listen_port: u16,
+    pub mtu: u32,
+    /// The initial list of Nodes has been received (stale peers are pruned only after it).
+    pub synced: bool,
+    /// Peers the agent wants, by node name.
+    pub desired_peers: Vec<DesiredPeer>,
+    /// Nodes that were not peered, and why.
+    pub skipped_nodes: Vec<SkippedNode>,
+    pub datapath: DatapathStatus,
+    pub last_reconcile: Option<ReconcileStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DesiredPeer {
+    pub node: String,
+    pub public_key: PublicKey,
+    pub endpoint: String,
+    pub allowed_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SkippedNode {
+    pub node: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DatapathStatus {
+    /// `tcx` or `netlink`.
+    pub attach_mode: String,
+    /// Interfaces with a wgmesh TC program, e.g. `veth1a2b (ingress)`.
+    pub attached: Vec<String>,
+    pub remote_cidrs: Vec<String>,
+    pub local_cidrs: Vec<String>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReconcileStatus {
+    /// Seconds since the Unix epoch.
+    pub finished_at: u64,
+    pub duration_ms: u64,
+    pub peers_added: usize,
+    pub peers_updated: usize,
+    pub peers_removed: usize,
+    pub error: Option<String>,
+}

@@ -1,0 +1,739 @@
+//! The agent: start-up in a fixed order, then one level-triggered loop that recomputes the desired
+//! state from the whole Node cache and applies the difference to the device, the policy routing and
+//! the eBPF maps. Start-up order (cilium's): key, device, publish, datapath, node source, peers; stale
+//! peers and CIDRs are pruned only after the node source reported its initial list.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::Node;
+use kube::{
+    Api, Client,
+    runtime::{WatchStreamExt as _, reflector, watcher},
+};
+use tokio::sync::mpsc;
+use wgmesh_api::{
+    NodeRecord, PublicKey,
+    status::{
+        AgentStatus, DatapathStatus, DesiredPeer, ReconcileStatus, STATUS_SCHEMA_VERSION,
+        SkippedNode,
+    },
+};
+use wgmesh_datapath::{Datapath, DatapathConfig, Direction};
+
+use crate::{
+    config::{BackendChoice, RunArgs, WIREGUARD_OVERHEAD},
+    discovery::{self, Identity},
+    keys::{self, NodeKey},
+    mesh::{self, DesiredState, PeerDiff, Skipped},
+    netlink::{self, LinkEvent, Netlink, PolicyRouting},
+    server::{self, OpLabel, PeerLabel, ResultLabel, Shared, VerdictLabel},
+    wireguard::{self, Backend, WgDevice, kernel::KernelDevice, uapi::UapiDevice},
+};
+
+/// Events are coalesced for this long before a reconcile, so a burst of Node updates costs one pass.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+enum Trigger {
+    /// The Node cache changed.
+    Nodes,
+    /// The initial list of Nodes is complete.
+    Synced,
+    /// The Node watch failed (the watcher retries with backoff by itself).
+    WatchError(String),
+    Link(LinkEvent),
+}
+
+/// Opens the WireGuard device for the chosen backend, creating or starting it when needed.
+pub fn open_device(args: &RunArgs) -> Result<Box<dyn WgDevice>, wireguard::Error> {
+    let ifname = &args.local.interface;
+    let userspace = || -> Result<Box<dyn WgDevice>, wireguard::Error> {
+        let dev = UapiDevice::new(ifname);
+        if !dev.is_alive() {
+            if !args.spawn_device {
+                return Err(wireguard::Error::DeviceTimeout {
+                    ifname: ifname.clone(),
+                    seconds: 0,
+                    log: wireguard::uapi::socket_path(ifname),
+                });
+            }
+            wireguard::device::spawn(ifname, &args.local.state_dir)?;
+        } else {
+            tracing::info!(ifname, "adopting the running userspace wireguard device");
+        }
+        Ok(Box::new(dev))
+    };
+    match args.backend {
+        BackendChoice::Userspace => userspace(),
+        BackendChoice::Kernel => Ok(Box::new(KernelDevice::ensure(ifname)?)),
+        BackendChoice::Auto => {
+            if UapiDevice::new(ifname).is_alive() {
+                tracing::info!(
+                    ifname,
+                    "backend auto: a userspace device is running for this interface, using it"
+                );
+                return userspace();
+            }
+            match KernelDevice::ensure(ifname) {
+                Ok(d) => {
+                    tracing::info!(
+                        ifname,
+                        "backend auto: the kernel supports WireGuard, using the kernel backend"
+                    );
+                    Ok(Box::new(d))
+                }
+                Err(wireguard::Error::KernelUnsupported { .. }) => {
+                    tracing::info!(
+                        ifname,
+                        "backend auto: the kernel has no WireGuard, using the userspace backend (boringtun)"
+                    );
+                    userspace()
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+pub struct Agent {
+    args: RunArgs,
+    key: NodeKey,
+    identity: Identity,
+    device: Box<dyn WgDevice>,
+    datapath: Datapath,
+    nl: Netlink,
+    policy: PolicyRouting,
+    /// Pod interfaces attached by this process (a restart re-attaches, replacing the program).
+    attached: BTreeSet<String>,
+    uplink: Option<String>,
+    uplink_attached: bool,
+    mtu: Option<u32>,
+    published: bool,
+    synced: bool,
+    last_skipped: Vec<Skipped>,
+    last_reconcile: Option<ReconcileStatus>,
+    desired: DesiredState,
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Start-up steps 1-4: key, device, datapath. Nothing here needs the Kubernetes API, so a restart
+    /// while the API is down restores (or keeps) the data path anyway.
+    pub async fn start(args: RunArgs, shared: Arc<Shared>) -> anyhow::Result<Self> {
+        let key = keys::load_or_generate(&args.local.state_dir).context("loading the node key")?;
+        let public_key = key.private.public_key();
+        tracing::info!(
+            node = %args.node_name,
+            public_key = %public_key,
+            generation = key.meta.generation,
+            generated = key.generated,
+            "node key ready"
+        );
+        let identity = Identity {
+            public_key,
+            listen_port: args.listen_port,
+            generation: key.meta.generation,
+            created: key.meta.created,
+        };
+        netlink::ensure_sysctl("net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        if let Err(e) = netlink::ensure_sysctl("net/ipv6/conf/all/forwarding", "1") {
+            tracing::debug!(error = %e, "IPv6 forwarding not enabled");
+        }
+        let nl = Netlink::connect()?;
+        let device = tokio::task::block_in_place(|| open_device(&args))
+            .context("opening the WireGuard device")?;
+        tracing::info!(interface = %args.local.interface, backend = %device.backend(), "wireguard device ready");
+
+        let datapath = tokio::task::block_in_place(|| {
+            Datapath::load(&DatapathConfig {
+                bpffs_dir: args.local.bpffs_dir.clone(),
+                fwmark: args.local.fwmark,
+                fwmask: args.local.fwmark,
+                strict: args.strict,
+            })
+        })
+        .context("loading the eBPF datapath")?;
+        tracing::info!(mode = ?datapath.attach_mode(), bpffs = %args.local.bpffs_dir.display(), "datapath loaded");
+
+        let policy = PolicyRouting {
+            fwmark: args.local.fwmark,
+            fwmask: args.local.fwmark,
+            table: args.local.route_table,
+            priority: args.local.rule_priority,
+        };
+        shared
+            .metrics
+            .key_generation
+            .set(key.meta.generation as i64);
+        let mut agent = Self {
+            uplink: args.local.uplink.clone(),
+            mtu: args.mtu,
+            args,
+            key,
+            identity,
+            device,
+            datapath,
+            nl,
+            policy,
+            attached: BTreeSet::new(),
+            uplink_attached: false,
+            published: false,
+            synced: false,
+            last_skipped: Vec::new(),
+            last_reconcile: None,
+            desired: DesiredState::default(),
+            shared,
+        };
+        agent.ensure_device_identity()?;
+        agent.ensure_local_plumbing(&[]).await?;
+        agent.attach_pod_interfaces().await?;
+        Ok(agent)
+    }
+
+    fn ensure_device_identity(&mut self) -> anyhow::Result<()> {
+        let state = tokio::task::block_in_place(|| self.device.read())?;
+        if state.public_key != Some(self.identity.public_key)
+            || state.listen_port != self.args.listen_port
+        {
+            tracing::info!(
+                interface = %self.args.local.interface,
+                listen_port = self.args.listen_port,
+                "setting the device's private key and listen port"
+            );
+            let key = self.key.private.clone();
+            let port = self.args.listen_port;
+            tokio::task::block_in_place(|| self.device.set_identity(&key, port))?;
+        }
+        Ok(())
+    }
+
+    /// Link up, MTU, rp_filter, policy rule and route, uplink guard. Idempotent; cheap when in place.
+    async fn ensure_local_plumbing(&mut self, nodes: &[NodeRecord]) -> anyhow::Result<()> {
+        let ifname = self.args.local.interface.clone();
+        if self.uplink.is_none()
+            && let Some(me) = nodes.iter().find(|n| n.name == self.args.node_name)
+        {
+            for ip in &me.internal_ips {
+                if let Some(name) = self.nl.interface_with_address(*ip).await? {
+                    tracing::info!(uplink = %name, address = %ip, "uplink found through the node's InternalIP");
+                    self.uplink = Some(name);
+                    break;
+                }
+            }
+        }
+        if self.mtu.is_none()
+            && let Some(up) = &self.uplink
+            && let Some(link) = self.nl.link(up).await?
+        {
+            let mtu = link.mtu.saturating_sub(WIREGUARD_OVERHEAD).max(1280);
+            tracing::info!(uplink = %up, uplink_mtu = link.mtu, mtu, "tunnel MTU from the uplink");
+            self.mtu = Some(mtu);
+        }
+        let link = self.nl.ensure_up(&ifname, self.mtu).await?;
+        // Decrypted packets arrive on the tunnel with remote pod sources whose route points at the
+        // uplink: strict reverse-path filtering would drop them. Loose mode (2) still checks that
+        // the source is routable at all.
+        netlink::ensure_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "2")?;
+        self.nl.ensure_rules(&self.policy).await?;
+        self.nl
+            .ensure_tunnel_routes(self.policy.table, link.index)
+            .await?;
+        if !self.uplink_attached
+            && let Some(up) = self.uplink.clone()
+        {
+            tokio::task::block_in_place(|| self.datapath.attach_uplink(&up))
+                .with_context(|| format!("attaching the leak guard to uplink {up}"))?;
+            tracing::info!(uplink = %up, strict = self.args.strict, "plaintext leak guard attached to the uplink");
+            self.uplink_attached = true;
+        }
+        Ok(())
+    }
+
+    fn is_pod_interface(&self, link: &netlink::Link) -> bool {
+        link.is_veth()
+            && Some(&link.name) != self.uplink.as_ref()
+            && link.name != self.args.local.interface
+            && self
+                .args
+                .pod_interface_prefix
+                .iter()
+                .any(|p| !p.is_empty() && link.name.starts_with(p.as_str()))
+    }
+
+    async fn attach_pod_interfaces(&mut self) -> anyhow::Result<()> {
+        let links = self.nl.links().await?;
+        let present: BTreeSet<String> = links.iter().map(|l| l.name.clone()).collect();
+        for link in links {
+            if self.is_pod_interface(&link) && !self.attached.contains(&link.name) {
+                self.attach_pod(&link.name);
+            }
+        }
+        // Links that vanished while no event told us (e.g. during a restart).
+        let pinned = tokio::task::block_in_place(|| self.datapath.attached_interfaces())?;
+        for (name, dir) in pinned {
+            if dir == Direction::Ingress && !present.contains(&name) {
+                self.forget(&name);
+            }
+        }
+        Ok(())
+    }
+
+    fn attach_pod(&mut self, name: &str) {
+        match tokio::task::block_in_place(|| self.datapath.attach_pod_interface(name)) {
+            Ok(()) => {
+                tracing::info!(
+                    interface = name,
+                    "steering program attached to pod interface"
+                );
+                self.attached.insert(name.to_owned());
+            }
+            // The link can vanish between the event and the attach (pod deleted): not an agent error.
+            Err(e) => {
+                tracing::warn!(interface = name, error = %e, "cannot attach steering program")
+            }
+        }
+    }
+
+    fn forget(&mut self, name: &str) {
+        self.attached.remove(name);
+        match tokio::task::block_in_place(|| self.datapath.forget_interface(name)) {
+            Ok(()) => tracing::info!(interface = name, "pod interface gone"),
+            Err(e) => tracing::warn!(interface = name, error = %e, "cannot forget pod interface"),
+        }
+    }
+
+    async fn on_link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Changed(link) => {
+                if self.is_pod_interface(&link) && !self.attached.contains(&link.name) {
+                    self.attach_pod(&link.name);
+                }
+            }
+            LinkEvent::Removed {
+                name: Some(name), ..
+            } if self.attached.contains(&name) => self.forget(&name),
+            LinkEvent::Removed { .. } => {}
+        }
+    }
+
+    /// Publishes this node's identity when the cache shows it missing or different.
+    async fn ensure_published(&mut self, client: &Client, nodes: &[NodeRecord]) {
+        let me = nodes.iter().find(|n| n.name == self.args.node_name);
+        if self.published && me.is_none_or(|m| self.identity.is_published_on(m)) {
+            return;
+        }
+        if let Some(m) = me
+            && self.identity.is_published_on(m)
+        {
+            self.published = true;
+            return;
+        }
+        match discovery::publish(client, &self.args.node_name, &self.identity).await {
+            Ok(wrote) => {
+                if wrote {
+                    self.shared.metrics.api_writes.inc();
+                    tracing::info!(node = %self.args.node_name, public_key = %self.identity.public_key, "published the node's public key");
+                }
+                self.published = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot publish the node's public key yet; retrying")
+            }
+        }
+    }
+
+    /// One level-triggered pass over the whole cache.
+    async fn reconcile(&mut self, client: &Client, nodes: &[NodeRecord]) {
+        let started = Instant::now();
+        self.ensure_published(client, nodes).await;
+        let result = self.apply(nodes).await;
+        let (diff, error) = match result {
+            Ok(d) => (d, None),
+            Err(e) => (PeerDiff::default(), Some(format!("{e:#}"))),
+        };
+        let m = &self.shared.metrics;
+        m.reconciles
+            .get_or_create(&ResultLabel {
+                result: if error.is_some() { "error" } else { "ok" }.into(),
+            })
+            .inc();
+        if let Some(e) = &error {
+            tracing::warn!(error = %e, "reconcile failed; retrying on the next event or resync");
+        }
+        if !diff.is_empty() {
+            tracing::info!(
+                added = diff.add.len(),
+                updated = diff.update.len(),
+                removed = diff.remove.len(),
+                peers = self.desired.peers.len(),
+                "peers reconciled"
+            );
+        }
+        self.last_reconcile = Some(ReconcileStatus {
+            finished_at: keys::now_unix(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            peers_added: diff.add.len(),
+            peers_updated: diff.update.len(),
+            peers_removed: diff.remove.len(),
+            error,
+        });
+        self.publish_status();
+    }
+
+    async fn apply(&mut self, nodes: &[NodeRecord]) -> anyhow::Result<PeerDiff> {
+        self.ensure_local_plumbing(nodes).await?;
+        let desired = mesh::desired_state(
+            &self.args.node_name,
+            &self.identity.public_key,
+            nodes,
+            self.args.keepalive,
+        );
+        self.log_skipped(&desired.skipped);
+        self.desired = desired.clone();
+        if !self.published {
+            // Peer only once this node's key is public (cilium #20925): until then leave the device as is.
+            return Ok(PeerDiff::default());
+        }
+        self.ensure_device_identity()?;
+        let state = tokio::task::block_in_place(|| self.device.read())?;
+        let diff = mesh::diff(&desired.peers, &state.peers, self.synced, SystemTime::now());
+        let m = self.shared.metrics.clone();
+        let count = |op: &str| {
+            m.peer_changes
+                .get_or_create(&OpLabel { op: op.into() })
+                .inc()
+        };
+
+        // Order matters for a gap-free datapath: peers first, then the maps (a CIDR is steered only
+        // once its peer exists), and removals last (a CIDR stops being steered before its peer goes).
+        tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            for p in &diff.add {
+                self.device
+                    .add_peer(p)
+                    .with_context(|| format!("adding peer {}", p.node))?;
+                tracing::info!(peer = %p.node, public_key = %p.public_key, endpoint = %p.endpoint, "peer added");
+                count("add");
+            }
+            for p in &diff.update {
+                self.device
+                    .update_peer(p)
+                    .with_context(|| format!("updating peer {}", p.node))?;
+                tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
+                count("update");
+            }
+            let mut remote = desired.remote_cidrs.clone();
+            if !self.synced {
+                // Before the initial list, an absent CIDR may just not have been seen yet.
+                remote.extend(self.datapath.remote_cidrs()?);
+            }
+            self.datapath.sync_remote_cidrs(&remote)?;
+            if !desired.local_cidrs.is_empty() {
+                self.datapath.sync_local_cidrs(&desired.local_cidrs)?;
+            }
+            for k in &diff.remove {
+                self.device
+                    .remove_peer(k)
+                    .with_context(|| format!("removing peer {}", k.fingerprint()))?;
+                tracing::info!(public_key = %k, "stale peer removed");
+                count("remove");
+            }
+            Ok(())
+        })?;
+        Ok(diff)
+    }
+
+    fn log_skipped(&mut self, skipped: &[Skipped]) {
+        if skipped == self.last_skipped.as_slice() {
+            return;
+        }
+        for s in skipped {
+            if !self.last_skipped.contains(s) {
+                if s.expected {
+                    tracing::info!(node = %s.node, reason = %s.reason, "node not peered yet");
+                } else {
+                    tracing::warn!(node = %s.node, reason = %s.reason, "node skipped");
+                }
+            }
+        }
+        self.last_skipped = skipped.to_vec();
+    }
+
+    fn publish_status(&mut self) {
+        let m = &self.shared.metrics;
+        m.peers.set(self.desired.peers.len() as i64);
+        m.skipped_nodes.set(self.desired.skipped.len() as i64);
+        let device = tokio::task::block_in_place(|| self.device.read()).ok();
+        let names: BTreeMap<PublicKey, String> = self
+            .desired
+            .peers
+            .values()
+            .map(|p| (p.public_key, p.node.clone()))
+            .collect();
+        if let Some(d) = &device {
+            for (k, p) in &d.peers {
+                let node = names.get(k).cloned().unwrap_or_else(|| k.fingerprint());
+                let label = PeerLabel { node };
+                let age = p
+                    .last_handshake
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .map_or(-1, |a| a.as_secs() as i64);
+                m.peer_handshake_age.get_or_create(&label).set(age);
+                m.peer_rx_bytes.get_or_create(&label).set(p.rx_bytes as i64);
+                m.peer_tx_bytes.get_or_create(&label).set(p.tx_bytes as i64);
+            }
+        }
+        let counters = self
+            .datapath
+            .counters()
+            .map(|c| counters_map(&c))
+            .unwrap_or_default();
+        for (k, v) in &counters {
+            m.datapath_packets
+                .get_or_create(&VerdictLabel { verdict: k.clone() })
+                .set(*v as i64);
+        }
+        let attached = self
+            .datapath
+            .attached_interfaces()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, d)| {
+                format!(
+                    "{n} ({})",
+                    if d == Direction::Ingress {
+                        "ingress"
+                    } else {
+                        "egress"
+                    }
+                )
+            })
+            .collect();
+        let status = AgentStatus {
+            schema_version: STATUS_SCHEMA_VERSION,
+            node: self.args.node_name.clone(),
+            interface: self.args.local.interface.clone(),
+            backend: self.device.backend().to_string(),
+            public_key: self.identity.public_key,
+            key_generation: self.identity.generation,
+            listen_port: self.args.listen_port,
+            mtu: self.mtu.unwrap_or(0),
+            synced: self.synced,
+            desired_peers: self
+                .desired
+                .peers
+                .values()
+                .map(|p| DesiredPeer {
+                    node: p.node.clone(),
+                    public_key: p.public_key,
+                    endpoint: p.endpoint.to_string(),
+                    allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                })
+                .collect(),
+            skipped_nodes: self
+                .desired
+                .skipped
+                .iter()
+                .map(|s| SkippedNode {
+                    node: s.node.clone(),
+                    reason: s.reason.clone(),
+                })
+                .collect(),
+            datapath: DatapathStatus {
+                attach_mode: format!("{:?}", self.datapath.attach_mode()).to_lowercase(),
+                attached,
+                remote_cidrs: self
+                    .datapath
+                    .remote_cidrs()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+                local_cidrs: self
+                    .desired
+                    .local_cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+                counters,
+            },
+            last_reconcile: self.last_reconcile.clone(),
+        };
+        if let Ok(mut s) = self.shared.status.lock() {
+            *s = Some(status);
+        }
+        self.shared
+            .ready
+            .store(self.synced && self.published, Ordering::Relaxed);
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.device.backend()
+    }
+}
+
+pub fn counters_map(c: &wgmesh_datapath::Counters) -> BTreeMap<String, u64> {
+    BTreeMap::from([
+        ("steered".to_owned(), c.steered),
+        ("local".to_owned(), c.local),
+        ("passed".to_owned(), c.passed),
+        ("leaked".to_owned(), c.leaked),
+        ("dropped_strict".to_owned(), c.dropped_strict),
+    ])
+}
+
+/// Runs the agent until SIGTERM/SIGINT. Exiting leaves the device, routes and eBPF programs in
+/// place, so traffic keeps flowing while the agent restarts or is upgraded.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let shared = Shared::new();
+    tokio::spawn(server::serve(args.status_addr, shared.clone()));
+    let resync = args.resync();
+    let mut agent = Agent::start(args.clone(), shared.clone()).await?;
+    let client = discovery::client(args.kubeconfig.as_deref()).await?;
+
+    let (tx, mut rx) = mpsc::channel::<Trigger>(1024);
+    let (reader, writer) = reflector::store::<Node>();
+    {
+        let tx = tx.clone();
+        let api: Api<Node> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .reflect(writer)
+                .boxed();
+            while let Some(ev) = events.next().await {
+                let t = match ev {
+                    Ok(watcher::Event::InitDone) => Trigger::Synced,
+                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
+                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Trigger::Nodes,
+                    Err(e) => Trigger::WatchError(e.to_string()),
+                };
+                if tx.send(t).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    {
+        let tx = tx.clone();
+        let mut links = Box::pin(netlink::link_events()?);
+        tokio::spawn(async move {
+            while let Some(ev) = links.next().await {
+                if tx.send(Trigger::Link(ev)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut watch_failing = false;
+    loop {
+        let mut dirty = false;
+        let mut links_dirty = false;
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, leaving the data path in place"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: exiting, leaving the data path in place"); break; }
+            _ = tick.tick() => { dirty = true; links_dirty = true; }
+            _ = status_tick.tick() => { agent.publish_status(); }
+            t = rx.recv() => {
+                let Some(t) = t else { anyhow::bail!("event sources ended") };
+                let mut pending = vec![t];
+                // Coalesce a burst.
+                let deadline = tokio::time::sleep(DEBOUNCE);
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        more = rx.recv() => match more { Some(m) => pending.push(m), None => break },
+                    }
+                }
+                for t in pending {
+                    match t {
+                        Trigger::Nodes => { dirty = true; watch_failing = false; }
+                        Trigger::Synced => {
+                            if !agent.synced {
+                                tracing::info!(nodes = reader.state().len(), "initial node list received; stale peers will now be pruned");
+                            }
+                            agent.synced = true;
+                            dirty = true;
+                            watch_failing = false;
+                        }
+                        Trigger::WatchError(e) => {
+                            if !watch_failing {
+                                tracing::warn!(error = %e, "node watch failed; retrying with backoff, the data path stays as it is");
+                            }
+                            watch_failing = true;
+                        }
+                        Trigger::Link(ev) => agent.on_link_event(ev).await,
+                    }
+                }
+            }
+        }
+        if links_dirty && let Err(e) = agent.attach_pod_interfaces().await {
+            tracing::warn!(error = %format!("{e:#}"), "cannot list pod interfaces");
+        }
+        if dirty {
+            let nodes: Vec<NodeRecord> = reader
+                .state()
+                .iter()
+                .map(|n| discovery::node_record(n))
+                .collect();
+            if nodes.is_empty() && !agent.synced {
+                continue;
+            }
+            agent.reconcile(&client, &nodes).await;
+        }
+    }
+    Ok(())
+}
+
+/// `wgmesh-agent cleanup`: removes the device, the policy routing and the eBPF programs and maps.
+pub async fn cleanup(args: crate::config::CleanupArgs) -> anyhow::Result<()> {
+    args.local.validate()?;
+    let ifname = &args.local.interface;
+    let nl = Netlink::connect()?;
+    let policy = PolicyRouting {
+        fwmark: args.local.fwmark,
+        fwmask: args.local.fwmark,
+        table: args.local.route_table,
+        priority: args.local.rule_priority,
+    };
+    let rules = nl.delete_rules(&policy).await?;
+    let routes = nl.flush_table(policy.table).await?;
+    tracing::info!(rules, routes, "policy routing removed");
+    tokio::task::block_in_place(|| Datapath::cleanup(&args.local.bpffs_dir)).with_context(
+        || {
+            format!(
+                "removing eBPF programs and pins under {}",
+                args.local.bpffs_dir.display()
+            )
+        },
+    )?;
+    tracing::info!(bpffs = %args.local.bpffs_dir.display(), "eBPF programs and maps removed");
+    if wireguard::device::stop(ifname) {
+        tracing::info!(interface = %ifname, "userspace device stopped");
+    }
+    if nl.delete_link(ifname).await? {
+        tracing::info!(interface = %ifname, "wireguard interface deleted");
+    }
+    if args.remove_key {
+        let path = args.local.state_dir.join(keys::PRIVATE_KEY_FILE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "private key deleted"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("deleting {}", path.display())),
+        }
+    }
+    Ok(())
+}

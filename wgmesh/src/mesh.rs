@@ -1,0 +1,468 @@
+//! Desired state as a pure function of the cluster: which peers this node should have, which pod
+//! CIDRs are local and which are remote, and which nodes were left out and why. Then the difference
+//! between that and what the device has. No I/O here; everything is table-tested.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::{Duration, SystemTime},
+};
+
+use ipnet::IpNet;
+use wgmesh_api::{NodeMeshInfo, NodeRecord, PublicKey};
+
+/// WireGuard's Reject-After-Time: a session older than this is dead, so a handshake younger than
+/// this means the peer is working.
+pub const REJECT_AFTER: Duration = Duration::from_secs(180);
+
+/// One WireGuard peer as wgmesh wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub node: String,
+    pub public_key: PublicKey,
+    pub endpoint: SocketAddr,
+    /// Sorted, normalised.
+    pub allowed_ips: Vec<IpNet>,
+    /// Persistent keepalive seconds; 0 = off.
+    pub keepalive: u16,
+}
+
+/// A peer as the device reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ObservedPeer {
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub keepalive: u16,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub node: String,
+    pub reason: String,
+    /// A node whose agent has not published a key yet: normal for a while, logged quietly.
+    pub expected: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub peers: BTreeMap<PublicKey, PeerSpec>,
+    pub local_cidrs: BTreeSet<IpNet>,
+    pub remote_cidrs: BTreeSet<IpNet>,
+    pub skipped: Vec<Skipped>,
+    /// Whether this node's own Node object was in the input.
+    pub self_seen: bool,
+}
+
+/// Computes the peer set for node `self_name` whose public key is `own_key`.
+///
+/// Rules: one peer per other node with a valid identity; a node is left out when its record is
+/// invalid, when it uses this node's key, when another node publishes the same key (both are left
+/// out: a key must identify one node), or when its pod CIDRs overlap this node's or another
+/// candidate's (WireGuard allowed IPs must not overlap: the kernel silently moves them to the last
+/// peer configured). Deterministic for any input order.
+pub fn desired_state(
+    self_name: &str,
+    own_key: &PublicKey,
+    nodes: &[NodeRecord],
+    keepalive: u16,
+) -> DesiredState {
+    let mut out = DesiredState::default();
+    let mut nodes: Vec<&NodeRecord> = nodes.iter().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut candidates: Vec<NodeMeshInfo> = Vec::new();
+    for rec in nodes {
+        if rec.name == self_name {
+            out.self_seen = true;
+            out.local_cidrs = rec
+                .pod_cidrs
+                .iter()
+                .filter_map(|c| c.trim().parse::<IpNet>().ok())
+                .map(|n| n.trunc())
+                .collect();
+            continue;
+        }
+        match rec.mesh_info() {
+            Ok(info) if info.public_key == *own_key => out.skipped.push(Skipped {
+                node: rec.name.clone(),
+                reason: "publishes this node's own public key".into(),
+                expected: false,
+            }),
+            Ok(info) => candidates.push(info),
+            Err(problem) => out.skipped.push(Skipped {
+                node: rec.name.clone(),
+                reason: problem.to_string(),
+                expected: problem.is_expected_during_startup(),
+            }),
+        }
+    }
+
+    // A node claiming part of this node's own pod range is wrong whatever else holds; it is left
+    // out first, so it cannot also knock out the nodes it overlaps.
+    let local: Vec<IpNet> = out.local_cidrs.iter().copied().collect();
+    let mut rejected: BTreeMap<String, String> = BTreeMap::new();
+    for a in &candidates {
+        if let Some((x, y)) = first_overlap(&a.pod_cidrs, &local) {
+            rejected.insert(
+                a.name.clone(),
+                format!("pod CIDR {x} overlaps this node's pod CIDR {y}"),
+            );
+        }
+    }
+    let remaining: Vec<&NodeMeshInfo> = candidates
+        .iter()
+        .filter(|c| !rejected.contains_key(&c.name))
+        .collect();
+    for (i, a) in remaining.iter().enumerate() {
+        for b in &remaining[i + 1..] {
+            if a.public_key == b.public_key {
+                rejected.entry(a.name.clone()).or_insert(format!(
+                    "public key {} is also published by node {}",
+                    a.public_key.fingerprint(),
+                    b.name
+                ));
+                rejected.entry(b.name.clone()).or_insert(format!(
+                    "public key {} is also published by node {}",
+                    b.public_key.fingerprint(),
+                    a.name
+                ));
+            }
+            if let Some((x, y)) = first_overlap(&a.pod_cidrs, &b.pod_cidrs) {
+                rejected
+                    .entry(a.name.clone())
+                    .or_insert(format!("pod CIDR {x} overlaps {y} of node {}", b.name));
+                rejected
+                    .entry(b.name.clone())
+                    .or_insert(format!("pod CIDR {y} overlaps {x} of node {}", a.name));
+            }
+        }
+    }
+
+    for info in candidates {
+        if let Some(reason) = rejected.remove(&info.name) {
+            out.skipped.push(Skipped {
+                node: info.name,
+                reason,
+                expected: false,
+            });
+            continue;
+        }
+        out.remote_cidrs.extend(info.pod_cidrs.iter().copied());
+        out.peers.insert(
+            info.public_key,
+            PeerSpec {
+                endpoint: SocketAddr::new(info.endpoint_ip, info.listen_port),
+                node: info.name,
+                public_key: info.public_key,
+                allowed_ips: info.pod_cidrs,
+                keepalive,
+            },
+        );
+    }
+    out.skipped.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
+
+fn first_overlap(a: &[IpNet], b: &[IpNet]) -> Option<(IpNet, IpNet)> {
+    a.iter()
+        .flat_map(|x| b.iter().map(move |y| (*x, *y)))
+        .find(|(x, y)| x.contains(&y.network()) || y.contains(&x.network()))
+}
+
+/// What to change on the device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerDiff {
+    pub add: Vec<PeerSpec>,
+    pub update: Vec<PeerSpec>,
+    pub remove: Vec<PublicKey>,
+}
+
+impl PeerDiff {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.update.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// The changes that turn `observed` into `desired`.
+///
+/// * Peers the device has but the cluster does not are removed only when `prune` is set, i.e. after
+///   the initial list of Nodes arrived: before that, "not seen yet" is not "gone" (cilium #31979).
+/// * An endpoint that differs while the peer has a live session (handshake younger than
+///   Reject-After-Time) is left alone: WireGuard roamed it to where the peer really is, and
+///   rewriting it would cut a working path (kilo #34).
+pub fn diff(
+    desired: &BTreeMap<PublicKey, PeerSpec>,
+    observed: &BTreeMap<PublicKey, ObservedPeer>,
+    prune: bool,
+    now: SystemTime,
+) -> PeerDiff {
+    let mut out = PeerDiff::default();
+    for (key, want) in desired {
+        match observed.get(key) {
+            None => out.add.push(want.clone()),
+            Some(have) => {
+                let mut have_ips = have.allowed_ips.clone();
+                have_ips.sort();
+                have_ips.dedup();
+                let live = have
+                    .last_handshake
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age < REJECT_AFTER);
+                let endpoint_ok =
+                    have.endpoint == Some(want.endpoint) || (live && have.endpoint.is_some());
+                if have_ips != want.allowed_ips || have.keepalive != want.keepalive || !endpoint_ok
+                {
+                    out.update.push(want.clone());
+                }
+            }
+        }
+    }
+    if prune {
+        out.remove = observed
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use wgmesh_api::annotations::{ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY};
+
+    use super::*;
+
+    fn key(n: u8) -> PublicKey {
+        let mut b = [n; 32];
+        b[0] = 1;
+        PublicKey::from_bytes(b)
+    }
+
+    fn node(name: &str, k: Option<PublicKey>, ip: &str, cidrs: &[&str]) -> NodeRecord {
+        let mut annotations = BTreeMap::new();
+        if let Some(k) = k {
+            annotations.insert(ANNOTATION_PUBLIC_KEY.to_string(), k.to_string());
+            annotations.insert(ANNOTATION_LISTEN_PORT.to_string(), "51820".to_string());
+        }
+        NodeRecord {
+            name: name.into(),
+            annotations,
+            internal_ips: vec![ip.parse().unwrap()],
+            pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn peer_names(s: &DesiredState) -> Vec<String> {
+        s.peers.values().map(|p| p.node.clone()).collect()
+    }
+
+    fn skipped_names(s: &DesiredState) -> Vec<String> {
+        s.skipped.iter().map(|p| p.node.clone()).collect()
+    }
+
+    #[test]
+    fn table_of_clusters() {
+        let me = key(1);
+        let a = node("a", Some(me), "192.0.2.11", &["198.18.1.0/24"]);
+        let b = node("b", Some(key(2)), "192.0.2.12", &["198.18.2.0/24"]);
+        let c = node("c", Some(key(3)), "192.0.2.13", &["198.18.3.0/24"]);
+        let c_no_key = node("c", None, "192.0.2.13", &["198.18.3.0/24"]);
+        let d_dup_key = node("d", Some(key(2)), "192.0.2.14", &["198.18.4.0/24"]);
+        let e_my_key = node("e", Some(me), "192.0.2.15", &["198.18.5.0/24"]);
+        let f_overlaps_b = node("f", Some(key(6)), "192.0.2.16", &["198.18.2.128/25"]);
+        let g_overlaps_me = node("g", Some(key(7)), "192.0.2.17", &["198.18.0.0/16"]);
+        let mut h_bad_key = node("h", Some(key(8)), "192.0.2.18", &["198.18.8.0/24"]);
+        h_bad_key
+            .annotations
+            .insert(ANNOTATION_PUBLIC_KEY.into(), "not-a-key".into());
+
+        type Case = (
+            &'static str,
+            Vec<NodeRecord>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            ("alone", vec![a.clone()], vec![], vec![]),
+            (
+                "three nodes",
+                vec![a.clone(), b.clone(), c.clone()],
+                vec!["b", "c"],
+                vec![],
+            ),
+            (
+                "input order does not matter",
+                vec![c.clone(), a.clone(), b.clone()],
+                vec!["b", "c"],
+                vec![],
+            ),
+            (
+                "node without key yet",
+                vec![a.clone(), b.clone(), c_no_key],
+                vec!["b"],
+                vec!["c"],
+            ),
+            (
+                "duplicate key: both out",
+                vec![a.clone(), b.clone(), c.clone(), d_dup_key],
+                vec!["c"],
+                vec!["b", "d"],
+            ),
+            (
+                "someone uses my key",
+                vec![a.clone(), b.clone(), e_my_key],
+                vec!["b"],
+                vec!["e"],
+            ),
+            (
+                "overlapping remote cidrs",
+                vec![a.clone(), b.clone(), f_overlaps_b],
+                vec![],
+                vec!["b", "f"],
+            ),
+            (
+                "overlaps my cidr",
+                vec![a.clone(), b.clone(), g_overlaps_me],
+                vec!["b"],
+                vec!["g"],
+            ),
+            (
+                "malformed key skipped, others fine",
+                vec![a.clone(), b.clone(), h_bad_key],
+                vec!["b"],
+                vec!["h"],
+            ),
+            (
+                "own node not listed yet",
+                vec![b.clone()],
+                vec!["b"],
+                vec![],
+            ),
+        ];
+        for (name, nodes, peers, skipped) in cases {
+            let s = desired_state("a", &me, &nodes, 25);
+            assert_eq!(peer_names(&s), peers, "peers: {name}");
+            assert_eq!(skipped_names(&s), skipped, "skipped: {name}");
+        }
+    }
+
+    #[test]
+    fn peers_carry_endpoint_cidrs_and_cidr_sets_are_split_local_remote() {
+        let me = key(1);
+        let nodes = vec![
+            node("a", Some(me), "192.0.2.11", &["198.18.1.0/24"]),
+            node(
+                "b",
+                Some(key(2)),
+                "192.0.2.12",
+                &["198.18.2.0/24", "2001:db8:2::/64"],
+            ),
+        ];
+        let s = desired_state("a", &me, &nodes, 25);
+        let p = &s.peers[&key(2)];
+        assert_eq!(p.endpoint, "192.0.2.12:51820".parse().unwrap());
+        assert_eq!(p.keepalive, 25);
+        let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+        assert_eq!(ips, ["198.18.2.0/24", "2001:db8:2::/64"]);
+        assert!(s.self_seen);
+        assert_eq!(s.local_cidrs, ["198.18.1.0/24".parse().unwrap()].into());
+        assert_eq!(s.remote_cidrs.len(), 2);
+        let c = node("c", None, "192.0.2.13", &["198.18.3.0/24"]);
+        let s = desired_state("a", &me, &[c], 25);
+        assert!(
+            s.skipped[0].expected,
+            "a missing key is expected during start-up"
+        );
+    }
+
+    fn spec(n: u8, ep: &str, cidrs: &[&str]) -> PeerSpec {
+        PeerSpec {
+            node: format!("n{n}"),
+            public_key: key(n),
+            endpoint: ep.parse().unwrap(),
+            allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+            keepalive: 25,
+        }
+    }
+
+    fn seen(s: &PeerSpec, handshake_ago: Option<u64>, now: SystemTime) -> ObservedPeer {
+        ObservedPeer {
+            endpoint: Some(s.endpoint),
+            allowed_ips: s.allowed_ips.iter().rev().copied().collect(),
+            keepalive: s.keepalive,
+            last_handshake: handshake_ago.map(|a| now - Duration::from_secs(a)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn table_of_diffs() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let p2 = spec(2, "192.0.2.12:51820", &["198.18.2.0/24", "2001:db8:2::/64"]);
+        let p3 = spec(3, "192.0.2.13:51820", &["198.18.3.0/24"]);
+        let desired: BTreeMap<_, _> =
+            [(p2.public_key, p2.clone()), (p3.public_key, p3.clone())].into();
+
+        let in_sync: BTreeMap<_, _> = [
+            (key(2), seen(&p2, Some(5), now)),
+            (key(3), seen(&p3, None, now)),
+        ]
+        .into();
+        assert!(
+            diff(&desired, &in_sync, true, now).is_empty(),
+            "in sync: nothing to do"
+        );
+
+        let mut stale = in_sync.clone();
+        stale.insert(key(9), ObservedPeer::default());
+        let d = diff(&desired, &stale, false, now);
+        assert!(d.is_empty(), "no pruning before the initial sync");
+        let d = diff(&desired, &stale, true, now);
+        assert_eq!(d.remove, vec![key(9)]);
+
+        let only_p2: BTreeMap<_, _> = [(key(2), seen(&p2, Some(5), now))].into();
+        let d = diff(&desired, &only_p2, true, now);
+        assert_eq!(d.add, vec![p3.clone()]);
+
+        let mut cidr_changed = in_sync.clone();
+        cidr_changed.get_mut(&key(3)).unwrap().allowed_ips =
+            vec!["198.18.33.0/24".parse().unwrap()];
+        assert_eq!(
+            diff(&desired, &cidr_changed, true, now).update,
+            vec![p3.clone()]
+        );
+
+        let mut keepalive_changed = in_sync.clone();
+        keepalive_changed.get_mut(&key(3)).unwrap().keepalive = 0;
+        assert_eq!(
+            diff(&desired, &keepalive_changed, true, now).update,
+            vec![p3.clone()]
+        );
+
+        let mut roamed_live = in_sync.clone();
+        roamed_live.get_mut(&key(2)).unwrap().endpoint = Some("203.0.113.7:4000".parse().unwrap());
+        assert!(
+            diff(&desired, &roamed_live, true, now).is_empty(),
+            "live roamed endpoint is kept"
+        );
+
+        let mut roamed_dead = in_sync.clone();
+        let e = roamed_dead.get_mut(&key(2)).unwrap();
+        e.endpoint = Some("203.0.113.7:4000".parse().unwrap());
+        e.last_handshake = Some(now - Duration::from_secs(600));
+        assert_eq!(
+            diff(&desired, &roamed_dead, true, now).update,
+            vec![p2.clone()]
+        );
+
+        let mut no_endpoint = in_sync.clone();
+        no_endpoint.get_mut(&key(3)).unwrap().endpoint = None;
+        assert_eq!(diff(&desired, &no_endpoint, true, now).update, vec![p3]);
+    }
+}

@@ -1,0 +1,412 @@
+//! Links, policy routing and link events through rtnetlink, in process (never `ip`). Every operation
+//! is idempotent: it reads what is there and changes only what differs.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
+
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use rtnetlink::{
+    Handle, IpVersion, LinkUnspec, MulticastGroup, RouteMessageBuilder,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        RouteNetlinkMessage,
+        address::AddressAttribute,
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open a netlink socket")]
+    Connect(#[source] io::Error),
+    #[error("netlink {operation} failed")]
+    Request {
+        operation: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0} does not exist")]
+    NoSuchLink(String),
+    #[error("cannot write sysctl {path}")]
+    Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn req(operation: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
+    let operation = operation.into();
+    move |source| Error::Request { operation, source }
+}
+
+/// The facts about a link the agent cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub up: bool,
+    /// `veth`, `wireguard`, `tun`, `bridge`, ... (None for links without a kind, e.g. `lo`).
+    pub kind: Option<String>,
+}
+
+impl Link {
+    fn from_message(msg: &LinkMessage) -> Option<Self> {
+        let mut name = None;
+        let mut mtu = 0;
+        let mut kind = None;
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::Mtu(m) => mtu = *m,
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            kind = Some(kind_name(k));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(Self {
+            index: msg.header.index,
+            name: name?,
+            mtu,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            kind,
+        })
+    }
+
+    pub fn is_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth")
+    }
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Wireguard => "wireguard".into(),
+        InfoKind::Tun => "tun".into(),
+        InfoKind::Bridge => "bridge".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// A change of the set of links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link appeared or changed (name, state, MTU).
+    Changed(Link),
+    Removed {
+        index: u32,
+        name: Option<String>,
+    },
+}
+
+/// The rule and route that send marked packets into the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyRouting {
+    pub fwmark: u32,
+    pub fwmask: u32,
+    pub table: u32,
+    pub priority: u32,
+}
+
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a netlink route socket in the current network namespace. Needs a tokio runtime.
+    pub fn connect() -> Result<Self, Error> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(Error::Connect)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, Error> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("list links"))?;
+        Ok(msgs.iter().filter_map(Link::from_message).collect())
+    }
+
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, Error> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Link::from_message(&m)),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(req(format!("get link {name}"))(e)),
+        }
+    }
+
+    /// Sets the link up and, if given, its MTU, only when they differ.
+    pub async fn ensure_up(&self, name: &str, mtu: Option<u32>) -> Result<Link, Error> {
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| Error::NoSuchLink(name.to_owned()))?;
+        let want_mtu = mtu.filter(|m| *m != link.mtu);
+        if link.up && want_mtu.is_none() {
+            return Ok(link);
+        }
+        let mut b = LinkUnspec::new_with_index(link.index).up();
+        if let Some(m) = want_mtu {
+            b = b.mtu(m);
+        }
+        self.handle
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(req(format!("set link {name} up")))?;
+        Ok(Link {
+            up: true,
+            mtu: want_mtu.unwrap_or(link.mtu),
+            ..link
+        })
+    }
+
+    /// The name of the interface that holds `ip`.
+    pub async fn interface_with_address(&self, ip: IpAddr) -> Result<Option<String>, Error> {
+        let addrs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("list addresses"))?;
+        let index = addrs.iter().find_map(|a| {
+            a.attributes
+                .iter()
+                .any(|attr| matches!(attr, AddressAttribute::Address(x) | AddressAttribute::Local(x) if *x == ip))
+                .then_some(a.header.index)
+        });
+        let Some(index) = index else { return Ok(None) };
+        Ok(self
+            .links()
+            .await?
+            .into_iter()
+            .find(|l| l.index == index)
+            .map(|l| l.name))
+    }
+
+    async fn rules(&self, v: IpVersion) -> Result<Vec<RuleMessage>, Error> {
+        self.handle
+            .rule()
+            .get(v)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(req("list rules"))
+    }
+
+    fn is_our_rule(r: &RuleMessage, p: &PolicyRouting) -> bool {
+        let a = &r.attributes;
+        a.contains(&RuleAttribute::FwMark(p.fwmark))
+            && a.contains(&RuleAttribute::Priority(p.priority))
+            && (a.contains(&RuleAttribute::Table(p.table)) || u32::from(r.header.table) == p.table)
+    }
+
+    /// Ensures `fwmark/fwmask lookup table` at `priority`, for IPv4 and (best effort) IPv6.
+    pub async fn ensure_rules(&self, p: &PolicyRouting) -> Result<(), Error> {
+        for v in [IpVersion::V4, IpVersion::V6] {
+            let present = self
+                .rules(v.clone())
+                .await?
+                .iter()
+                .any(|r| Self::is_our_rule(r, p));
+            if present {
+                continue;
+            }
+            let mut add = self
+                .handle
+                .rule()
+                .add()
+                .fw_mark(p.fwmark)
+                .priority(p.priority)
+                .table_id(p.table)
+                .action(RuleAction::ToTable);
+            add.message_mut()
+                .attributes
+                .push(RuleAttribute::FwMask(p.fwmask));
+            let r = match v {
+                IpVersion::V4 => add.v4().execute().await,
+                IpVersion::V6 => add.v6().execute().await,
+            };
+            match (r, v) {
+                (Ok(()), _) => {}
+                (Err(rtnetlink::Error::NetlinkError(e)), _) if e.raw_code() == -libc::EEXIST => {}
+                (Err(e), IpVersion::V6) => {
+                    tracing::warn!(error = %e, "cannot add the IPv6 fwmark rule; IPv6 pod traffic will not be steered")
+                }
+                (Err(e), IpVersion::V4) => return Err(req("add fwmark rule")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn delete_rules(&self, p: &PolicyRouting) -> Result<usize, Error> {
+        let mut n = 0;
+        for v in [IpVersion::V4, IpVersion::V6] {
+            for r in self.rules(v).await? {
+                if Self::is_our_rule(&r, p) {
+                    self.handle
+                        .rule()
+                        .del(r)
+                        .execute()
+                        .await
+                        .map_err(req("delete fwmark rule"))?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn default_route_v4(table: u32, oif: u32) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .output_interface(oif)
+            .scope(RouteScope::Link)
+            .protocol(RouteProtocol::Static)
+            .build()
+    }
+
+    fn default_route_v6(table: u32, oif: u32) -> RouteMessage {
+        RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(table)
+            .output_interface(oif)
+            .protocol(RouteProtocol::Static)
+            .build()
+    }
+
+    /// Ensures `default dev <oif>` in `table` (IPv4, and IPv6 best effort). `replace` makes it
+    /// idempotent and repoints it when the tunnel was recreated with a new index.
+    pub async fn ensure_tunnel_routes(&self, table: u32, oif: u32) -> Result<(), Error> {
+        self.handle
+            .route()
+            .add(Self::default_route_v4(table, oif))
+            .replace()
+            .execute()
+            .await
+            .map_err(req(format!("add default route to table {table}")))?;
+        if let Err(e) = self
+            .handle
+            .route()
+            .add(Self::default_route_v6(table, oif))
+            .replace()
+            .execute()
+            .await
+        {
+            tracing::debug!(error = %e, table, "no IPv6 route into the tunnel (IPv6 disabled on it?)");
+        }
+        Ok(())
+    }
+
+    /// Deletes every route in `table` (the table is wgmesh's own).
+    pub async fn flush_table(&self, table: u32) -> Result<usize, Error> {
+        let mut n = 0;
+        for v in [IpVersion::V4, IpVersion::V6] {
+            let filter = match v {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .table_id(table)
+                    .build(),
+            };
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(req("list routes"))?;
+            for r in routes {
+                let in_table = r.attributes.contains(&RouteAttribute::Table(table))
+                    || u32::from(r.header.table) == table;
+                if in_table {
+                    self.handle
+                        .route()
+                        .del(r)
+                        .execute()
+                        .await
+                        .map_err(req("delete route"))?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    pub async fn delete_link(&self, name: &str) -> Result<bool, Error> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(false);
+        };
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .map_err(req(format!("delete link {name}")))?;
+        Ok(true)
+    }
+}
+
+/// Link add/change/remove notifications of the current network namespace.
+pub fn link_events() -> Result<impl Stream<Item = LinkEvent>, Error> {
+    let (conn, _handle, messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).map_err(Error::Connect)?;
+    tokio::spawn(conn);
+    Ok(messages.filter_map(|(msg, _)| async move {
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                Link::from_message(&l).map(LinkEvent::Changed)
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                Some(LinkEvent::Removed {
+                    index: l.header.index,
+                    name: Link::from_message(&l).map(|l| l.name),
+                })
+            }
+            _ => None,
+        }
+    }))
+}
+
+/// Writes a sysctl of the current network namespace (`/proc/sys/net/...` is per netns) if it differs.
+pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool, Error> {
+    let full = Path::new("/proc/sys").join(path);
+    let err = |source| Error::Sysctl {
+        path: path.to_owned(),
+        source,
+    };
+    let current = std::fs::read_to_string(&full).map_err(err)?;
+    if current.trim() == value {
+        return Ok(false);
+    }
+    std::fs::write(&full, value).map_err(err)?;
+    Ok(true)
+}

@@ -1,0 +1,116 @@
+//! The userspace WireGuard device process (`wgmesh-agent device`): boringtun (the defguard fork, the
+//! copy defguard_wireguard_rs embeds) serving a TUN and the UAPI socket. It runs apart from the agent
+//! (a detached process here, its own container in Kubernetes) so that an agent restart never takes
+//! the tunnel down: Cilium removed its in-agent userspace fallback for exactly that reason.
+
+use std::{
+    fs::OpenOptions,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
+
+use super::{Error, uapi::UapiDevice};
+
+/// Runs the device until it is told to stop (SIGTERM/SIGINT, which boringtun handles itself, or the
+/// removal of its UAPI socket). Blocks the calling thread.
+pub fn run(ifname: &str, threads: usize) -> anyhow::Result<()> {
+    if UapiDevice::new(ifname).is_alive() {
+        anyhow::bail!(
+            "a WireGuard device for {ifname} is already running (it answers on {}); not starting a second one",
+            super::uapi::socket_path(ifname).display()
+        );
+    }
+    std::fs::create_dir_all(super::uapi::UAPI_DIR)?;
+    let config = DeviceConfig {
+        n_threads: threads.max(1),
+        ..DeviceConfig::default()
+    };
+    let mut handle = DeviceHandle::new(ifname, config).map_err(|e| {
+        anyhow::anyhow!("cannot create the userspace WireGuard device {ifname}: {e:?}")
+    })?;
+    tracing::info!(ifname, threads, socket = %super::uapi::socket_path(ifname).display(), "userspace wireguard device running");
+    // The TUN starts down; bring it up so the device is usable on its own. The agent also keeps it up
+    // (and sets the MTU) on every reconcile.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let nl = crate::netlink::Netlink::connect()?;
+        nl.ensure_up(ifname, None).await.map(|_| ())
+    })?;
+    drop(rt);
+    handle.wait();
+    tracing::info!(ifname, "userspace wireguard device stopped");
+    Ok(())
+}
+
+/// Starts `wgmesh-agent device --interface <ifname>` detached (own session), logging to
+/// `<state_dir>/device.log`, and waits until it answers on its UAPI socket.
+pub fn spawn(ifname: &str, state_dir: &Path) -> Result<(), Error> {
+    let spawn_err = |source| Error::Spawn {
+        ifname: ifname.to_owned(),
+        source,
+    };
+    let exe = std::env::current_exe().map_err(spawn_err)?;
+    std::fs::create_dir_all(state_dir).map_err(spawn_err)?;
+    let log_path = state_dir.join("device.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(spawn_err)?;
+    let log2 = log.try_clone().map_err(spawn_err)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["device", "--interface", ifname])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let pid = child.id();
+    // Reap it if it exits while we run; after we exit, init adopts it.
+    std::thread::Builder::new()
+        .name("device-reaper".into())
+        .spawn(move || {
+            let _ = child.wait();
+        })
+        .map_err(spawn_err)?;
+    tracing::info!(ifname, pid, log = %log_path.display(), "started userspace wireguard device process");
+    let dev = UapiDevice::new(ifname);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if dev.is_alive() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::DeviceTimeout {
+        ifname: ifname.to_owned(),
+        seconds: 10,
+        log: log_path,
+    })
+}
+
+/// Stops a running userspace device by removing its UAPI socket (boringtun's monitor then exits).
+pub fn stop(ifname: &str) -> bool {
+    let path = super::uapi::socket_path(ifname);
+    let alive = UapiDevice::new(ifname).is_alive();
+    let _ = std::fs::remove_file(&path);
+    if alive {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && UapiDevice::new(ifname).is_alive() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    alive
+}
