@@ -47,7 +47,14 @@ impl ApiServer {
         let socket = dir.join("api.sock");
         let kubeconfig = dir.join("kubeconfig");
         let log = dir.join("apiserver.log");
-        let child = Cmd::in_netns(ns, bin)
+        let mut cmd = Cmd::in_netns(ns, bin);
+        // Its flags also read WGMESH_APISERVER_* env vars: the developer's shell must not leak in.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("WGMESH_APISERVER_") {
+                cmd = cmd.env_remove(k);
+            }
+        }
+        let child = cmd
             .args(["--listen", API_LISTEN, "--control-socket"])
             .arg(&socket)
             .arg("--kubeconfig-out")
@@ -306,6 +313,18 @@ impl ApiClient {
             path.push_str(&format!("&verb={verb}"));
         }
         self.control(&path)
+    }
+
+    /// A fault rule with any of the stand-in's parameters (`status`, `count`, `verb`, `name`,
+    /// `client`), e.g. `[("status", "500"), ("count", "3"), ("name", "a")]`.
+    pub fn fail_with(&self, params: &[(&str, &str)]) -> Result<()> {
+        let q: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        self.control(&format!("/_control/fail?{}", q.join("&")))
+    }
+
+    /// Drops all pending fault rules.
+    pub fn clear_faults(&self) -> Result<()> {
+        self.json("DELETE", "/_control/fail", None, None).map(drop)
     }
 
     /// Forgets old resourceVersions: watches resuming from them get 410 Gone.

@@ -151,7 +151,7 @@ impl TestbedBuilder {
             }),
             tmp: Mutex::new(Some(tmp)),
             failed: AtomicBool::new(false),
-            torn_down: AtomicBool::new(false),
+            torn_down: Mutex::new(false),
             agents_default: self.agents,
         };
         // From here on, an early return drops `shared`, which tears down what exists.
@@ -212,7 +212,9 @@ struct Shared {
     ctx: Arc<Context>,
     tmp: Mutex<Option<tempfile::TempDir>>,
     failed: AtomicBool,
-    torn_down: AtomicBool,
+    /// Held for the whole teardown, so a second caller (drop after a signal handler's
+    /// teardown) waits until the first one finished.
+    torn_down: Mutex<bool>,
     agents_default: bool,
 }
 
@@ -480,9 +482,11 @@ impl TeardownHandle {
 
 impl Shared {
     fn teardown(&self) -> Result<()> {
-        if self.torn_down.swap(true, Ordering::SeqCst) {
+        let mut torn_down = lock(&self.torn_down);
+        if *torn_down {
             return Ok(());
         }
+        *torn_down = true;
         if self.ctx.keep {
             eprintln!(
                 "{ENV_KEEP}=1: keeping testbed {} (namespaces {}-*, files in {})",
@@ -535,7 +539,7 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         let failed = std::thread::panicking() || self.shared.failed.load(Ordering::SeqCst);
         if (failed || std::env::var(ENV_DUMP).is_ok_and(|v| v == "1"))
-            && !self.shared.torn_down.load(Ordering::SeqCst)
+            && self.shared.torn_down.try_lock().is_ok_and(|t| !*t)
         {
             self.dump();
         }

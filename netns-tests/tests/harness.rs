@@ -258,3 +258,167 @@ fn teardown_leaves_nothing_behind() -> TestResult {
     drop(server);
     Ok(())
 }
+
+/// Given a testbed with the API stand-in and two nodes (no agents),
+/// when the test reads and patches Node objects through the control socket,
+/// then the testbed registered each node like a kubelet, annotations can be set and removed,
+/// the nodes reach the API at 192.0.2.1:6443 the way agents will, and a removed node's
+/// object is deleted.
+#[test]
+#[ignore = "needs root + netns: run `make netns-test`"]
+fn testbed_registers_nodes_with_the_api_stand_in() -> TestResult {
+    let bed = Testbed::builder("api")
+        .agents(false)
+        .probe_bin(PROBE)
+        .node("a", |n| n.pod("a1"))
+        .node("b", |n| n.pod("b1"))
+        .start()?;
+    let api = bed.api()?;
+    let node = api.get_node("a")?;
+    ensure!(
+        node["status"]["addresses"][0]["address"] == "192.0.2.11",
+        "{node:#}"
+    );
+    ensure!(node["spec"]["podCIDR"] == "198.18.1.0/24", "{node:#}");
+    ensure!(
+        node["metadata"]["labels"]["kubernetes.io/hostname"] == "a",
+        "{node:#}"
+    );
+
+    api.patch_node_annotations("a", &[("wgmesh.io/test", Some("1"))])?;
+    ensure!(
+        api.node_annotations("a")?
+            .get("wgmesh.io/test")
+            .map(String::as_str)
+            == Some("1")
+    );
+    api.patch_node_annotations("a", &[("wgmesh.io/test", None)])?;
+    ensure!(!api.node_annotations("a")?.contains_key("wgmesh.io/test"));
+
+    // The agents' path: TCP from a node namespace to the underlay address.
+    let get_from_b = || -> Result<serde_json::Value> {
+        let out = bed
+            .node("b")
+            .cmd(PROBE)
+            .args([
+                "http-get",
+                "--timeout",
+                "2000",
+                "http://192.0.2.1:6443/api/v1/nodes",
+            ])
+            .run()?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let list = get_from_b()?;
+    ensure!(
+        list["items"].as_array().map(Vec::len) == Some(2),
+        "{list:#}"
+    );
+
+    // Faults hit the agents' TCP clients, not the test's control socket.
+    api.fail(500, 1, Some("list"))?;
+    ensure!(get_from_b().is_err(), "the injected failure did not fire");
+    get_from_b().context("only one failure was injected")?;
+    api.get_node("a")
+        .context("the control socket is not affected")?;
+
+    api.down()?;
+    ensure!(get_from_b().is_err(), "the API answered while down");
+    api.up()?;
+    bed.eventually("the API answers again after up", get_from_b)?;
+    api.compact()?;
+    ensure!(api.stats()?.is_object(), "stats are JSON");
+
+    bed.remove_node("b")?;
+    ensure!(api.get_node("b").is_err(), "Node b still exists");
+    Ok(())
+}
+
+/// Given two nodes running the real agent (`WGMESH_AGENT_BIN`),
+/// when the harness queries, restarts and kills the agents,
+/// then status and `wg show` are readable, the mesh converges, and teardown removes the
+/// detached device processes, their UAPI sockets and the bpffs mounts.
+#[test]
+#[ignore = "needs root + netns + WGMESH_AGENT_BIN: run `make netns-test`"]
+fn agent_plumbing_and_teardown() -> TestResult {
+    let bed = Testbed::builder("agent-plumbing")
+        .probe_bin(PROBE)
+        .node("a", |n| n.pod("a1"))
+        .node("b", |n| n.pod("b1"))
+        .start()?;
+    bed.eventually("the mesh converges", || bed.assert_full_mesh())?;
+    let a = bed.node("a");
+    let status = bed.eventually("the agent on a serves /status", || a.status())?;
+    ensure!(status.is_object(), "{status}");
+    let dump = a.wg_show_dump()?;
+    ensure!(
+        dump.interface.listen_port == 51820 && dump.peers.len() == 1,
+        "{dump:?}"
+    );
+
+    a.restart_agent(Signal::SIGTERM)?;
+    a.assert_agent_running()?;
+    a.stop_agent(Signal::SIGKILL)?;
+    ensure!(!a.agent_running(), "SIGKILL did not stop the agent");
+    ensure!(
+        a.agent_log().contains("stopping the agent with SIGKILL"),
+        "agent.log lacks the harness markers"
+    );
+    a.start_agent()?;
+    bed.eventually("the mesh converges after the restarts", || {
+        bed.assert_full_mesh()
+    })?;
+
+    let socks: Vec<PathBuf> = bed
+        .nodes()
+        .iter()
+        .map(|n| PathBuf::from(format!("/var/run/wireguard/{}.sock", n.wg_interface())))
+        .collect();
+    let prefix = bed.prefix().to_owned();
+    let dir = bed.dir().to_owned();
+    drop(bed);
+    for s in &socks {
+        ensure!(!s.exists(), "{} left behind", s.display());
+    }
+    let left: Vec<String> = netns_names()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    ensure!(left.is_empty(), "namespaces left behind: {left:?}");
+    ensure!(
+        !std::fs::read_to_string("/proc/mounts")?.contains(&dir.display().to_string()),
+        "bpffs left mounted"
+    );
+    Ok(())
+}
+
+/// Given a testbed,
+/// when the test panics while it is alive,
+/// then the unwinding drop dumps diagnostics and still removes every namespace.
+#[test]
+#[ignore = "needs root + netns: run `make netns-test`"]
+fn teardown_runs_when_a_test_panics() -> TestResult {
+    let prefix = std::sync::Mutex::new(String::new());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let bed = two_nodes("panic").expect("testbed starts");
+        *prefix.lock().expect("lock") = bed.prefix().to_owned();
+        let dump = bed.dump_string();
+        assert!(
+            dump.contains("a: ip route") && dump.contains("198.18.2.0/24 via 192.0.2.12"),
+            "{dump}"
+        );
+        panic!("deliberate failure inside a scenario");
+    }));
+    ensure!(r.is_err(), "the closure was meant to panic");
+    let prefix = prefix.into_inner()?;
+    ensure!(!prefix.is_empty(), "testbed never started");
+    let left: Vec<String> = netns_names()?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "namespaces left behind after a panic: {left:?}"
+    );
+    Ok(())
+}

@@ -18,7 +18,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use nix::sys::signal::{SigSet, Signal};
+use signal_hook::{
+    consts::{SIGINT, SIGTERM},
+    iterator::Signals,
+};
 use wgmesh_netns_tests::{cmd, prelude::*, table::Table, testbed::TeardownHandle};
 
 #[derive(Debug, Parser)]
@@ -44,23 +47,23 @@ struct Args {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 fn main() -> ExitCode {
-    // Block SIGINT/SIGTERM before any thread exists, so only the waiter below receives them
-    // (children get a clean mask from std::process).
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    if let Err(e) = signals.thread_block() {
-        eprintln!("wgmesh-demo: failed to block signals: {e}");
-        return ExitCode::FAILURE;
-    }
+    // Signal handlers rather than a blocked signal mask: children inherit the mask (std keeps
+    // it across exec), and the agents, tcpdump and the stand-in must still see SIGTERM.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wgmesh-demo: failed to install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let args = Args::parse();
     cmd::set_echo(args.verbose);
     let handle: Arc<Mutex<Option<TeardownHandle>>> = Arc::new(Mutex::new(None));
     let h = Arc::clone(&handle);
     thread::spawn(move || {
-        if let Ok(sig) = signals.wait() {
+        if let Some(sig) = signals.forever().next() {
             INTERRUPTED.store(true, Ordering::SeqCst);
-            eprintln!("\nwgmesh-demo: {sig}, tearing down");
+            eprintln!("\nwgmesh-demo: signal {sig}, tearing down");
             let bed = h.lock().ok().and_then(|g| g.clone());
             if let Some(bed) = bed {
                 if let Err(e) = bed.teardown() {
@@ -70,14 +73,24 @@ fn main() -> ExitCode {
             }
         }
     });
-    match run(&args, &handle) {
+    let proof = Mutex::new((0, 0));
+    let result = run(&args, &handle, &proof);
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // The testbed's drop (inside `run`) waited for the handler's teardown to finish.
+        return ExitCode::from(130);
+    }
+    let code = match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("wgmesh-demo: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last line, whatever happened (zeros when no capture ran).
+    let (n, m) = proof.lock().map(|p| *p).unwrap_or_default();
+    println!("PROOF wireguard_packets={n} plaintext_pod_packets={m}");
+    code
 }
 
 fn node_name(i: u8) -> String {
@@ -92,7 +105,11 @@ fn step(t0: Instant, what: &str) {
     println!("[{:5.1}s] {what}", t0.elapsed().as_secs_f64());
 }
 
-fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool> {
+fn run(
+    args: &Args,
+    handle: &Arc<Mutex<Option<TeardownHandle>>>,
+    proof: &Mutex<(usize, usize)>,
+) -> Result<bool> {
     let t0 = Instant::now();
     step(
         t0,
@@ -118,7 +135,7 @@ fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool>
         bail!("interrupted");
     }
     let pod = |i: u8, j: u8| bed.pod(&pod_name(i, j));
-    let mut ok = true;
+    let mut results: Vec<(String, String, Result<String>)> = Vec::new();
 
     if !args.no_baseline {
         step(
@@ -135,12 +152,20 @@ fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool>
             base.plaintext_pod_packets(),
             base
         );
-        if base.plaintext_pod_packets() == 0 {
-            println!(
-                "         the capture did not see the plaintext baseline: it would prove nothing"
-            );
-            ok = false;
-        }
+        let seen = base
+            .assert_plaintext_seen()
+            .context("the capture must see the plaintext baseline, or it proves nothing")
+            .map(|()| {
+                format!(
+                    "{} plaintext pod packets seen",
+                    base.plaintext_pod_packets()
+                )
+            });
+        results.push((
+            "a1 -> b1 (no wgmesh)".to_owned(),
+            "baseline".to_owned(),
+            seen,
+        ));
     }
 
     step(t0, "starting wgmesh-agent on every node");
@@ -163,15 +188,48 @@ fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool>
     );
 
     let capture = bed.capture()?;
+    // From here on failures are reported in the traffic table, and the capture is always
+    // summarized: a failing run still shows whether anything leaked.
     // Warm-up: the first packet towards a peer triggers its handshake.
-    bed.eventually("pod a1 reaches a pod on every other node", || {
-        for i in 1..args.nodes {
-            pod(0, 0).ping(&pod(i, 0), 1)?.assert_no_loss()?;
-        }
-        Ok(())
-    })?;
+    let warm_up = eventually(
+        "pod a1 reaches a pod on every other node",
+        Duration::from_secs(20),
+        || {
+            for i in 1..args.nodes {
+                pod(0, 0).ping(&pod(i, 0), 1)?.assert_no_loss()?;
+            }
+            Ok("reached every node".to_owned())
+        },
+    );
+    let warmed_up = warm_up.is_ok();
+    results.push((
+        "a1 -> other nodes".to_owned(),
+        "warm-up".to_owned(),
+        warm_up,
+    ));
+    if warmed_up {
+        traffic(args, &bed, &mut results);
+        let hs = eventually(
+            "every peer of every node has completed a handshake",
+            Duration::from_secs(20),
+            || bed.assert_handshakes(),
+        );
+        results.push((
+            "all node pairs".to_owned(),
+            "handshake".to_owned(),
+            hs.map(|()| "every peer".to_owned()),
+        ));
+    }
+    let summary = capture
+        .stop()
+        .context("failed to stop the underlay capture")?;
+    step(t0, "done");
+    report(&bed, &results, &summary, proof)
+}
 
-    let mut results: Vec<(String, String, Result<String>)> = Vec::new();
+/// ICMP between pods, TCP and UDP around the ring of nodes, TCP on the same node.
+fn traffic(args: &Args, bed: &Testbed, results: &mut Vec<(String, String, Result<String>)>) {
+    let pod = |i: u8, j: u8| bed.pod(&pod_name(i, j));
     let pods = bed.pods();
     // ICMP: every pod to the first pod of every other node, and to a neighbour on its node.
     let pings: Vec<(Pod, Pod)> = pods
@@ -253,17 +311,18 @@ fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool>
             r,
         ));
     }
-    bed.eventually("every peer of every node has completed a handshake", || {
-        bed.assert_handshakes()
-    })?;
-    let summary = capture
-        .stop()
-        .context("failed to stop the underlay capture")?;
-    step(t0, "done");
+}
 
+fn report(
+    bed: &Testbed,
+    results: &[(String, String, Result<String>)],
+    summary: &CaptureSummary,
+    proof: &Mutex<(usize, usize)>,
+) -> Result<bool> {
+    let mut ok = true;
     println!("\nTraffic:");
     let mut t = Table::new(["flow", "kind", "result"]);
-    for (flow, kind, r) in &results {
+    for (flow, kind, r) in results {
         let text = match r {
             Ok(s) => s.clone(),
             Err(e) => {
@@ -291,10 +350,13 @@ fn run(args: &Args, handle: &Arc<Mutex<Option<TeardownHandle>>>) -> Result<bool>
         ok = false;
     }
     let (n, m) = (summary.wireguard_packets(), summary.plaintext_pod_packets());
+    if let Ok(mut p) = proof.lock() {
+        *p = (n, m);
+    }
     ok &= n > 0 && m == 0;
     if !ok {
+        // Teardown prints the diagnostics dump (to stderr) before main prints the PROOF line.
         bed.mark_failed();
     }
-    println!("PROOF wireguard_packets={n} plaintext_pod_packets={m}");
     Ok(ok)
 }

@@ -303,7 +303,8 @@ fn inner_ip(pkt: &[u8], depth: usize, marker: &[u8], f: &mut Findings) {
 
 /// A UDP payload that is a WireGuard message: type byte 1-4, three zero reserved bytes, and the
 /// length of that type (148 initiation, 92 response, 64 cookie reply, transport: a 16-byte
-/// header plus a padded payload plus a 16-byte tag, so at least 32 and a multiple of 16).
+/// header, the encrypted payload and a 16-byte tag, so at least 32 (a keepalive). The protocol
+/// pads payloads to 16 bytes, but boringtun does not pad, so any length from 32 up counts.
 pub fn wireguard_message(data: &[u8]) -> Option<WgMessage> {
     if data.len() < 32 || data[1..4] != [0, 0, 0] {
         return None;
@@ -312,7 +313,7 @@ pub fn wireguard_message(data: &[u8]) -> Option<WgMessage> {
         (1, 148) => Some(WgMessage::Initiation),
         (2, 92) => Some(WgMessage::Response),
         (3, 64) => Some(WgMessage::Cookie),
-        (4, n) if n % 16 == 0 => Some(WgMessage::Transport),
+        (4, _) => Some(WgMessage::Transport),
         _ => None,
     }
 }

@@ -104,6 +104,8 @@ pub enum Command {
         #[arg(long, default_value_t = 5000)]
         connect_timeout: u64,
     },
+    /// Classify a pcap file as the harness does and print the summary and offenders.
+    PcapSummary { file: std::path::PathBuf },
     /// GET an http:// URL and print the body (exit 1 on a non-2xx status).
     HttpGet {
         url: String,
@@ -164,6 +166,14 @@ pub fn run(cli: Cli) -> Result<()> {
             chunk.max(8),
             Duration::from_millis(connect_timeout),
         ),
+        Command::PcapSummary { file } => {
+            let s = crate::capture::summarize_file(&file, b"wgmesh-capture-marker")?;
+            println!("{s}");
+            for o in &s.offenders {
+                println!("  {o}");
+            }
+            Ok(())
+        }
         Command::HttpGet { url, timeout } => http_get(&url, Duration::from_millis(timeout)),
     }
 }

@@ -61,7 +61,8 @@ fn wireguard_messages_are_recognised_by_type_and_length() {
         (3, 64, Some(WgMessage::Cookie)),
         (4, 32, Some(WgMessage::Transport)),
         (4, 1440, Some(WgMessage::Transport)),
-        (4, 33, None),
+        (4, 116, Some(WgMessage::Transport)),
+        (4, 31, None),
         (1, 149, None),
         (5, 64, None),
     ] {
