@@ -246,9 +246,9 @@ impl Testbed {
         &self.shared.ctx.dir
     }
 
-    /// The underlay namespace (bridge `br0`, 192.0.2.1).
-    pub fn underlay(&self) -> &NetNs {
-        &self.shared.underlay
+    /// The underlay: bridge `br0` with 192.0.2.1 in a namespace of its own.
+    pub fn underlay(&self) -> Underlay<'_> {
+        Underlay { bed: self }
     }
 
     /// The client of the API stand-in.
@@ -452,6 +452,28 @@ impl Testbed {
     /// Tears down now (idempotent); drop does the same.
     pub fn teardown(&self) -> Result<()> {
         self.shared.teardown()
+    }
+}
+
+/// The underlay network (see `Testbed::underlay`).
+#[derive(Debug, Clone, Copy)]
+pub struct Underlay<'a> {
+    bed: &'a Testbed,
+}
+
+impl Underlay<'_> {
+    pub fn netns(&self) -> &NetNs {
+        &self.bed.shared.underlay
+    }
+
+    /// `ip -n <underlay> <args>`.
+    pub fn ip<'b>(&self, args: impl IntoIterator<Item = &'b str>) -> Result<String> {
+        self.netns().ip(args)
+    }
+
+    /// Starts tcpdump on the bridge (same as `Testbed::capture`).
+    pub fn capture(&self) -> Result<Capture> {
+        self.bed.capture()
     }
 }
 
