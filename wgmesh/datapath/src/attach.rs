@@ -170,9 +170,10 @@ fn attach_tcx(prog: &mut SchedClassifier, target: &Target<'_>) -> Result<Outcome
         return Ok(Outcome::Replaced);
     }
 
-    // A new link first, then the stale pin goes, then the new link is pinned: if the old pin held
-    // a live attachment (netlink mode before a reboot into a TCX kernel cannot happen, but a link
-    // on a renamed device can), traffic is never left without a program.
+    // No usable link (none, defunct, or on another ifindex because the device was re-created or
+    // renamed): attach a new one first, then drop the stale pin, then pin the new link, so that a
+    // stale record that still runs on this device (a cls_bpf filter from a run in netlink mode)
+    // is only removed once the new program runs.
     let id = prog
         .attach_with_options(
             target.ifname,

@@ -38,6 +38,13 @@ pub enum Error {
         /// The directory given.
         path: PathBuf,
     },
+    /// Nothing is pinned there: the agent has not loaded the datapath with this directory on
+    /// this node, or it was cleaned up.
+    #[error("no wgmesh datapath is pinned under {path}")]
+    NoPins {
+        /// The directory given.
+        path: PathBuf,
+    },
     /// `statfs` on the bpffs directory failed.
     #[error("failed to inspect the file system of {path}")]
     InspectBpffs {

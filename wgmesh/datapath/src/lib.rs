@@ -235,10 +235,22 @@ impl Datapath {
     /// Opens the pinned maps under `bpffs_dir` without loading or attaching anything, for
     /// inspecting a node while the agent is down (`wgmeshctl`).
     pub fn open_pinned(bpffs_dir: &Path) -> Result<PinnedDatapath, Error> {
-        if !bpffs_dir.exists() || !bpffs::is_bpffs(bpffs_dir)? {
+        let no_pins = || Error::NoPins {
+            path: bpffs_dir.to_path_buf(),
+        };
+        if !bpffs_dir.exists() {
+            return Err(no_pins());
+        }
+        if !bpffs::is_bpffs(bpffs_dir)? {
             return Err(Error::NotBpffs {
                 path: bpffs_dir.to_path_buf(),
             });
+        }
+        if MAP_NAMES
+            .iter()
+            .any(|map| !maps::pin_path(bpffs_dir, map).exists())
+        {
+            return Err(no_pins());
         }
         Ok(PinnedDatapath {
             links_dir: bpffs_dir.join(bpffs::LINKS_DIR),
@@ -469,6 +481,13 @@ mod tests {
     fn cleanup_of_a_missing_directory_is_a_no_op() {
         let dir = tempfile::tempdir().expect("tempdir");
         Datapath::cleanup(&dir.path().join("never-created")).expect("idempotent");
+    }
+
+    #[test]
+    fn open_pinned_without_pins_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Datapath::open_pinned(&dir.path().join("wgmesh")).expect_err("nothing there");
+        assert!(matches!(err, Error::NoPins { .. }), "{err:?}");
     }
 
     #[test]

@@ -268,7 +268,8 @@ fn netlink_guard_counts_leaks_and_strict_mode_drops_them() -> Result<()> {
 /// attaching to the missing interface fails clearly;
 /// when a pod comes back with the same veth name and the agent attaches without forgetting first,
 /// then the stale attachment is replaced by a working one (one program on the hook);
-/// when the veth goes again and the agent forgets it, nothing is recorded any more.
+/// when the veth goes again and the agent forgets it, nothing is recorded any more;
+/// forgetting an interface that still exists detaches from it, and forgetting twice is fine.
 fn recreated_veth_story(mode: AttachMode) -> Result<()> {
     let lab = Lab::new()?;
     let agent = Agent::start(&lab.node)?;
@@ -329,6 +330,26 @@ fn recreated_veth_story(mode: AttachMode) -> Result<()> {
         !pins.iter().any(|pin| pin.contains("links/")),
         "link pins left: {pins:?}"
     );
+
+    // Forgetting an interface that still exists detaches wgmesh from it, and is idempotent even
+    // on a device without any qdisc.
+    lab.create_pod_veth()?;
+    agent.with(|dp| dp.forget_interface(POD_IF))?;
+    agent.with(|dp| dp.attach_uplink(UPLINK_IF))?;
+    ensure!(
+        agent
+            .attached_programs(&lab.node, UPLINK_IF, Direction::Egress)?
+            .len()
+            == 1
+    );
+    agent.with(|dp| dp.forget_interface(UPLINK_IF))?;
+    eventually("the uplink is detached", || {
+        Ok(agent
+            .attached_programs(&lab.node, UPLINK_IF, Direction::Egress)?
+            .is_empty())
+    })?;
+    agent.with(|dp| dp.forget_interface(UPLINK_IF))?;
+    ensure!(agent.with(|dp| dp.attached_interfaces())?.is_empty());
     Ok(())
 }
 
