@@ -235,10 +235,15 @@ impl Agent {
             self.mtu = Some(mtu);
         }
         let link = self.nl.ensure_up(&ifname, self.mtu).await?;
-        // Decrypted packets arrive on the tunnel with remote pod sources whose route points at the
-        // uplink: strict reverse-path filtering would drop them. Loose mode (2) still checks that
-        // the source is routable at all.
-        netlink::ensure_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "2")?;
+        // Decrypted packets arrive on the tunnel with remote pod sources. The tunnel has no IPv4
+        // address, and the kernel's reverse-path check rejects every packet on an address-less
+        // device whenever rp_filter is on (strict or loose), so it must be off for the tunnel. The
+        // effective value is max(all, device): `all` must be 0 too. Other interfaces keep their own
+        // setting (as Cilium does).
+        netlink::ensure_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0")?;
+        if netlink::ensure_sysctl("net/ipv4/conf/all/rp_filter", "0")? {
+            tracing::warn!("set net.ipv4.conf.all.rp_filter=0 so decrypted packets are accepted; per-interface rp_filter settings still apply");
+        }
         self.nl.ensure_rules(&self.policy).await?;
         self.nl
             .ensure_tunnel_routes(self.policy.table, link.index)
