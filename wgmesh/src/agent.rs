@@ -158,7 +158,15 @@ impl Agent {
             })
         })
         .context("loading the eBPF datapath")?;
-        tracing::info!(mode = ?datapath.attach_mode(), bpffs = %args.local.bpffs_dir.display(), "datapath loaded");
+        tracing::info!(mode = %datapath.attach_mode(), bpffs = %args.local.bpffs_dir.display(), "datapath loaded");
+        match Datapath::open_pinned(&args.local.bpffs_dir) {
+            Ok(p) => {
+                if let Ok(mut pins) = shared.pins.lock() {
+                    *pins = Some(p);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot open the pinned maps for live status"),
+        }
 
         let policy = PolicyRouting {
             fwmark: args.local.fwmark,
@@ -242,7 +250,9 @@ impl Agent {
         // setting (as Cilium does).
         netlink::ensure_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0")?;
         if netlink::ensure_sysctl("net/ipv4/conf/all/rp_filter", "0")? {
-            tracing::warn!("set net.ipv4.conf.all.rp_filter=0 so decrypted packets are accepted; per-interface rp_filter settings still apply");
+            tracing::warn!(
+                "set net.ipv4.conf.all.rp_filter=0 so decrypted packets are accepted; per-interface rp_filter settings still apply"
+            );
         }
         self.nl.ensure_rules(&self.policy).await?;
         self.nl
@@ -549,7 +559,7 @@ impl Agent {
                 })
                 .collect(),
             datapath: DatapathStatus {
-                attach_mode: format!("{:?}", self.datapath.attach_mode()).to_lowercase(),
+                attach_mode: self.datapath.attach_mode().to_string(),
                 attached,
                 remote_cidrs: self
                     .datapath

@@ -115,6 +115,8 @@ impl Metrics {
 /// State shared between the agent loop and the endpoint.
 pub struct Shared {
     pub status: Mutex<Option<AgentStatus>>,
+    /// Read-only view of the pinned maps, so `/status` and `/metrics` show live kernel counters.
+    pub pins: Mutex<Option<wgmesh_datapath::PinnedDatapath>>,
     pub ready: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
@@ -126,6 +128,7 @@ impl Shared {
         let registry = metrics.registry();
         Arc::new(Self {
             status: Mutex::new(None),
+            pins: Mutex::new(None),
             ready: false.into(),
             metrics,
             registry,
@@ -157,6 +160,7 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" => {
+            refresh_datapath_metrics(shared);
             let mut out = String::new();
             match encode(&mut out, &shared.registry) {
                 Ok(()) => reply(
@@ -172,13 +176,38 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/status" => {
-            let status = shared.status.lock().map(|s| s.clone()).unwrap_or(None);
+            let mut status = shared.status.lock().map(|s| s.clone()).unwrap_or(None);
+            if let (Some(st), Ok(pins)) = (status.as_mut(), shared.pins.lock())
+                && let Some(pins) = pins.as_ref()
+            {
+                if let Ok(c) = pins.counters() {
+                    st.datapath.counters = crate::agent::counters_map(&c);
+                }
+                if let Ok(r) = pins.remote_cidrs() {
+                    st.datapath.remote_cidrs = r.iter().map(|c| c.to_string()).collect();
+                }
+            }
             match status.and_then(|s| serde_json::to_vec_pretty(&s).ok()) {
                 Some(body) => reply(StatusCode::OK, "application/json", body),
                 None => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n"),
             }
         }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// Copies the kernel counters into the metrics right before they are scraped.
+fn refresh_datapath_metrics(shared: &Shared) {
+    let Ok(pins) = shared.pins.lock() else { return };
+    let Some(counters) = pins.as_ref().and_then(|p| p.counters().ok()) else {
+        return;
+    };
+    for (k, v) in crate::agent::counters_map(&counters) {
+        shared
+            .metrics
+            .datapath_packets
+            .get_or_create(&VerdictLabel { verdict: k })
+            .set(v as i64);
     }
 }
 
