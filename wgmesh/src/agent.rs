@@ -32,6 +32,7 @@ use crate::{
     keys::{self, NodeKey},
     mesh::{self, DesiredState, PeerDiff, Skipped},
     netlink::{self, LinkEvent, Netlink, PolicyRouting},
+    rotation,
     server::{self, OpLabel, PeerLabel, ResultLabel, Shared, VerdictLabel},
     wireguard::{self, Backend, WgDevice, kernel::KernelDevice, uapi::UapiDevice},
 };
@@ -114,6 +115,7 @@ pub struct Agent {
     uplink_attached: bool,
     mtu: Option<u32>,
     published: bool,
+    rotation: Option<rotation::Progress>,
     synced: bool,
     last_skipped: Vec<Skipped>,
     last_reconcile: Option<ReconcileStatus>,
@@ -149,8 +151,14 @@ impl Agent {
             .context("opening the WireGuard device")?;
         tracing::info!(interface = %args.local.interface, backend = %device.backend(), "wireguard device ready");
 
+        let tunnel_ifindex = nl
+            .link(&args.local.interface)
+            .await?
+            .map(|l| l.index)
+            .unwrap_or(0);
         let datapath = tokio::task::block_in_place(|| {
             Datapath::load(&DatapathConfig {
+                tunnel_ifindex,
                 bpffs_dir: args.local.bpffs_dir.clone(),
                 fwmark: args.local.fwmark,
                 fwmask: args.local.fwmark,
@@ -191,6 +199,7 @@ impl Agent {
             attached: BTreeSet::new(),
             uplink_attached: false,
             published: false,
+            rotation: None,
             synced: false,
             last_skipped: Vec::new(),
             last_reconcile: None,
@@ -243,6 +252,9 @@ impl Agent {
             self.mtu = Some(mtu);
         }
         let link = self.nl.ensure_up(&ifname, self.mtu).await?;
+        // The uplink guard redirects stray plaintext pod packets into the tunnel by index; a
+        // recreated device has a new one.
+        tokio::task::block_in_place(|| self.datapath.set_tunnel_ifindex(link.index))?;
         // Decrypted packets arrive on the tunnel with remote pod sources. The tunnel has no IPv4
         // address, and the kernel's reverse-path check rejects every packet on an address-less
         // device whenever rp_filter is on (strict or loose), so it must be off for the tunnel. The
@@ -365,6 +377,7 @@ impl Agent {
     /// One level-triggered pass over the whole cache.
     async fn reconcile(&mut self, client: &Client, nodes: &[NodeRecord]) {
         let started = Instant::now();
+        self.maybe_rotate(nodes);
         self.ensure_published(client, nodes).await;
         let result = self.apply(nodes).await;
         let (diff, error) = match result {
@@ -447,6 +460,11 @@ impl Agent {
                 remote.extend(self.datapath.remote_cidrs()?);
             }
             self.datapath.sync_remote_cidrs(&remote)?;
+            let mut cluster = desired.cluster_cidrs.clone();
+            if !self.synced {
+                cluster.extend(self.datapath.cluster_cidrs()?);
+            }
+            self.datapath.sync_cluster_cidrs(&cluster)?;
             if !desired.local_cidrs.is_empty() {
                 self.datapath.sync_local_cidrs(&desired.local_cidrs)?;
             }
@@ -460,6 +478,110 @@ impl Agent {
             Ok(())
         })?;
         Ok(diff)
+    }
+
+    /// Starts a key rotation when `wgmeshctl rotate` asked for a generation newer than ours. The new
+    /// key is persisted (atomically) before it is used or published, so a crash at any point leaves
+    /// a usable key on disk; a restart mid-rotation sees the request still pending and finishes it.
+    fn maybe_rotate(&mut self, nodes: &[NodeRecord]) {
+        let Some(me) = nodes.iter().find(|n| n.name == self.args.node_name) else {
+            return;
+        };
+        let Some(requested) = rotation::requested_generation(me) else {
+            return;
+        };
+        if requested <= self.identity.generation {
+            return;
+        }
+        let new = match keys::PrivateKey::generate() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot generate a new key for the requested rotation");
+                return;
+            }
+        };
+        let meta = keys::KeyMeta {
+            generation: requested,
+            created: keys::now_unix(),
+        };
+        if let Err(e) = keys::store(&self.args.local.state_dir, &new, meta) {
+            tracing::error!(error = %e, "cannot persist the new key; keeping the current one");
+            return;
+        }
+        let old = self.identity.public_key;
+        let before = tokio::task::block_in_place(|| self.device.read())
+            .map(|d| d.peers)
+            .unwrap_or_default();
+        self.key = NodeKey {
+            private: new,
+            meta,
+            generated: true,
+        };
+        self.identity = Identity {
+            public_key: self.key.private.public_key(),
+            listen_port: self.args.listen_port,
+            generation: requested,
+            created: meta.created,
+        };
+        self.published = false;
+        self.shared.metrics.key_generation.set(requested as i64);
+        tracing::info!(
+            old_public_key = %old,
+            public_key = %self.identity.public_key,
+            generation = requested,
+            "key rotation: new key persisted; applying and publishing it"
+        );
+        self.rotation = Some(rotation::Progress::new(
+            requested,
+            SystemTime::now(),
+            &before,
+        ));
+    }
+
+    /// Publishes how far a running rotation got (peers that completed a handshake with the new key).
+    async fn report_rotation(&mut self, client: &Client) {
+        let Some(progress) = self.rotation.as_mut() else {
+            return;
+        };
+        let Ok(state) = tokio::task::block_in_place(|| self.device.read()) else {
+            return;
+        };
+        let names: BTreeMap<PublicKey, String> = self
+            .desired
+            .peers
+            .values()
+            .map(|p| (p.public_key, p.node.clone()))
+            .collect();
+        let report = progress.observe(&names, &state.peers, SystemTime::now());
+        let Some(json) = progress.to_publish(&report) else {
+            return;
+        };
+        match discovery::patch_annotation(
+            client,
+            &self.args.node_name,
+            rotation::ANNOTATION_STATUS,
+            &json,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.shared.metrics.api_writes.inc();
+                progress.published(&report);
+                tracing::info!(
+                    generation = report.generation,
+                    state = %report.state,
+                    confirmed = report.peers_confirmed,
+                    total = report.peers_total,
+                    "key rotation progress"
+                );
+                if report.state != rotation::State::InProgress {
+                    self.rotation = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot publish rotation progress yet")
+            }
+        }
     }
 
     fn log_skipped(&mut self, skipped: &[Skipped]) {
@@ -598,6 +720,7 @@ pub fn counters_map(c: &wgmesh_datapath::Counters) -> BTreeMap<String, u64> {
         ("passed".to_owned(), c.passed),
         ("leaked".to_owned(), c.leaked),
         ("dropped_strict".to_owned(), c.dropped_strict),
+        ("rescued".to_owned(), c.rescued),
     ])
 }
 
@@ -652,6 +775,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut status_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut rotation_tick = tokio::time::interval(Duration::from_millis(500));
     let mut watch_failing = false;
     loop {
         let mut dirty = false;
@@ -661,6 +785,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: exiting, leaving the data path in place"); break; }
             _ = tick.tick() => { dirty = true; links_dirty = true; }
             _ = status_tick.tick() => { agent.publish_status(); }
+            _ = rotation_tick.tick(), if agent.rotation.is_some() => { agent.report_rotation(&client).await; }
             t = rx.recv() => {
                 let Some(t) = t else { anyhow::bail!("event sources ended") };
                 let mut pending = vec![t];

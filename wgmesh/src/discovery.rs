@@ -157,6 +157,24 @@ pub async fn publish(client: &Client, node: &str, id: &Identity) -> Result<bool,
     Ok(true)
 }
 
+/// Sets one annotation on a Node (merge patch).
+pub async fn patch_annotation(
+    client: &Client,
+    node: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), Error> {
+    let api: Api<Node> = Api::all(client.clone());
+    let patch = serde_json::json!({ "metadata": { "annotations": { key: value } } });
+    api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::Publish {
+            node: node.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Seconds since the epoch as RFC 3339 UTC (`2026-11-26T05:02:56Z`), without a date crate.
 pub fn rfc3339(secs: u64) -> String {
     let days = secs / 86_400;

@@ -9,5 +9,6 @@ pub mod discovery;
 pub mod keys;
 pub mod mesh;
 pub mod netlink;
+pub mod rotation;
 pub mod server;
 pub mod wireguard;

@@ -51,6 +51,8 @@ pub struct DesiredState {
     pub peers: BTreeMap<PublicKey, PeerSpec>,
     pub local_cidrs: BTreeSet<IpNet>,
     pub remote_cidrs: BTreeSet<IpNet>,
+    /// Pod CIDRs of every other node, peered or not: plaintext towards them is a leak.
+    pub cluster_cidrs: BTreeSet<IpNet>,
     pub skipped: Vec<Skipped>,
     /// Whether this node's own Node object was in the input.
     pub self_seen: bool,
@@ -85,6 +87,12 @@ pub fn desired_state(
                 .collect();
             continue;
         }
+        out.cluster_cidrs.extend(
+            rec.pod_cidrs
+                .iter()
+                .filter_map(|c| c.trim().parse::<IpNet>().ok())
+                .map(|n| n.trunc()),
+        );
         match rec.mesh_info() {
             Ok(info) if info.public_key == *own_key => out.skipped.push(Skipped {
                 node: rec.name.clone(),
@@ -373,6 +381,19 @@ mod tests {
         assert!(s.self_seen);
         assert_eq!(s.local_cidrs, ["198.18.1.0/24".parse().unwrap()].into());
         assert_eq!(s.remote_cidrs.len(), 2);
+        let c = node("c", None, "192.0.2.13", &["198.18.3.0/24"]);
+        let with_c = desired_state(
+            "a",
+            &me,
+            &[nodes[0].clone(), nodes[1].clone(), c.clone()],
+            25,
+        );
+        assert_eq!(
+            with_c.cluster_cidrs.len(),
+            3,
+            "unpeered nodes still count as cluster CIDRs"
+        );
+        assert_eq!(with_c.remote_cidrs.len(), 2);
         let c = node("c", None, "192.0.2.13", &["198.18.3.0/24"]);
         let s = desired_state("a", &me, &[c], 25);
         assert!(

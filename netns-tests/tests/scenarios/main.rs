@@ -7,4 +7,5 @@ mod key_exchange;
 mod membership;
 mod resilience;
 mod restart;
+mod rotation;
 mod support;

@@ -15,6 +15,10 @@ pub const ANNOTATION_KEY_CREATED: &str = "v1.wgmesh.io/key-created";
 /// Set by `wgmeshctl rotate` to ask the node's agent for a new key: the requested generation.
 pub const ANNOTATION_ROTATE_REQUEST: &str = "v1.wgmesh.io/rotate-request";
 
+/// Published by the agent while it rotates: JSON with generation, state (`in-progress`, `complete`,
+/// `failed`), start time, peers confirmed and pending.
+pub const ANNOTATION_ROTATION_STATUS: &str = "v1.wgmesh.io/rotation-status";
+
 /// Every annotation the agent owns on its own Node (it publishes exactly these).
 pub const AGENT_OWNED: [&str; 4] = [
     ANNOTATION_PUBLIC_KEY,

@@ -245,10 +245,21 @@ impl WgDevice for UapiDevice {
     }
 
     fn set_identity(&mut self, key: &PrivateKey, listen_port: u16) -> Result<(), Error> {
+        // Only what differs: a listen_port line makes boringtun rebind its sockets and close every
+        // peer's connected socket, which a key rotation does not need.
+        let current = self.read()?;
         let mut body = Zeroizing::new(String::new());
-        body.push_str("private_key=");
-        body.push_str(&key.to_hex());
-        body.push_str(&format!("\nlisten_port={listen_port}\n"));
+        if current.public_key != Some(key.public_key()) {
+            body.push_str("private_key=");
+            body.push_str(&key.to_hex());
+            body.push('\n');
+        }
+        if current.listen_port != listen_port {
+            body.push_str(&format!("listen_port={listen_port}\n"));
+        }
+        if body.is_empty() {
+            return Ok(());
+        }
         self.set("set identity", &body)
     }
 
