@@ -40,6 +40,7 @@ test-netns: build ## (root) scenarios on simulated nodes: real agents, API stand
 test-kernel: build ## (root) kernel WireGuard scenarios inside a qemu VM booting Debian's stable kernel
 	bash netns-tests/vm/setup
 	bash netns-tests/vm/selftest
+	bash netns-tests/vm/scenarios
 
 bench: build ## (root) datapath, control-plane and disruption benchmarks -> bench/RESULTS.md
 	$(CARGO) build --release --bins

@@ -77,7 +77,9 @@ pub struct AgentSpec {
 impl Default for AgentSpec {
     fn default() -> Self {
         Self {
-            backend: "userspace".to_owned(),
+            // The VM tier runs the same scenarios against kernel WireGuard.
+            backend: std::env::var("WGMESH_TEST_BACKEND")
+                .unwrap_or_else(|_| "userspace".to_owned()),
             listen_port: DEFAULT_LISTEN_PORT,
             status_addr: DEFAULT_STATUS_ADDR.parse().expect("literal address"),
             pod_interface_prefix: "veth".to_owned(),

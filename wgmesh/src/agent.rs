@@ -440,11 +440,15 @@ impl Agent {
         // Order matters for a gap-free datapath: peers first, then the maps (a CIDR is steered only
         // once its peer exists), and removals last (a CIDR stops being steered before its peer goes).
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            self.device
+                .add_peers(&diff.add)
+                .with_context(|| format!("adding {} peers", diff.add.len()))?;
             for p in &diff.add {
-                self.device
-                    .add_peer(p)
-                    .with_context(|| format!("adding peer {}", p.node))?;
-                tracing::info!(peer = %p.node, public_key = %p.public_key, endpoint = %p.endpoint, "peer added");
+                if diff.add.len() <= 16 {
+                    tracing::info!(peer = %p.node, public_key = %p.public_key, endpoint = %p.endpoint, "peer added");
+                } else {
+                    tracing::debug!(peer = %p.node, public_key = %p.public_key, endpoint = %p.endpoint, "peer added");
+                }
                 count("add");
             }
             for p in &diff.update {

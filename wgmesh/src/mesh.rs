@@ -124,29 +124,28 @@ pub fn desired_state(
         .iter()
         .filter(|c| !rejected.contains_key(&c.name))
         .collect();
-    for (i, a) in remaining.iter().enumerate() {
-        for b in &remaining[i + 1..] {
-            if a.public_key == b.public_key {
-                rejected.entry(a.name.clone()).or_insert(format!(
-                    "public key {} is also published by node {}",
-                    a.public_key.fingerprint(),
-                    b.name
-                ));
-                rejected.entry(b.name.clone()).or_insert(format!(
-                    "public key {} is also published by node {}",
-                    b.public_key.fingerprint(),
-                    a.name
-                ));
-            }
-            if let Some((x, y)) = first_overlap(&a.pod_cidrs, &b.pod_cidrs) {
-                rejected
-                    .entry(a.name.clone())
-                    .or_insert(format!("pod CIDR {x} overlaps {y} of node {}", b.name));
-                rejected
-                    .entry(b.name.clone())
-                    .or_insert(format!("pod CIDR {y} overlaps {x} of node {}", a.name));
-            }
+    // Duplicate keys and overlapping CIDRs in O(n log n): this runs on every Node event, and
+    // clusters have thousands of nodes.
+    let mut by_key: BTreeMap<PublicKey, Vec<&str>> = BTreeMap::new();
+    for c in &remaining {
+        by_key.entry(c.public_key).or_default().push(&c.name);
+    }
+    for (key, names) in by_key.iter().filter(|(_, n)| n.len() > 1) {
+        for (i, name) in names.iter().enumerate() {
+            let other = names[if i == 0 { 1 } else { 0 }];
+            rejected.entry((*name).to_owned()).or_insert(format!(
+                "public key {} is also published by node {other}",
+                key.fingerprint()
+            ));
         }
+    }
+    for (a, x, b, y) in overlaps(&remaining) {
+        rejected
+            .entry(a.to_owned())
+            .or_insert(format!("pod CIDR {x} overlaps {y} of node {b}"));
+        rejected
+            .entry(b.to_owned())
+            .or_insert(format!("pod CIDR {y} overlaps {x} of node {a}"));
     }
 
     for info in candidates {
@@ -171,6 +170,47 @@ pub fn desired_state(
         );
     }
     out.skipped.sort_by(|a, b| a.node.cmp(&b.node));
+    out
+}
+
+/// Pairs of (node, cidr) from different nodes whose CIDRs overlap: a sweep over the ranges sorted
+/// by start; every overlapping range meets the widest earlier range of its family.
+fn overlaps<'a>(nodes: &[&'a NodeMeshInfo]) -> Vec<(&'a str, IpNet, &'a str, IpNet)> {
+    fn range(n: &IpNet) -> (bool, u128, u128) {
+        match n {
+            IpNet::V4(v) => (
+                false,
+                u32::from(v.network()).into(),
+                u32::from(v.broadcast()).into(),
+            ),
+            IpNet::V6(v) => (true, u128::from(v.network()), u128::from(v.broadcast())),
+        }
+    }
+    let mut ranges: Vec<((bool, u128, u128), &str, IpNet)> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.pod_cidrs
+                .iter()
+                .map(move |c| (range(c), n.name.as_str(), *c))
+        })
+        .collect();
+    ranges.sort_by(|a, b| {
+        (a.0.0, a.0.1, std::cmp::Reverse(a.0.2)).cmp(&(b.0.0, b.0.1, std::cmp::Reverse(b.0.2)))
+    });
+    let mut out = Vec::new();
+    let mut widest: Option<((bool, u128, u128), &str, IpNet)> = None;
+    for r in ranges {
+        if let Some(w) = widest
+            && w.0.0 == r.0.0
+            && r.0.1 <= w.0.2
+            && w.1 != r.1
+        {
+            out.push((r.1, r.2, w.1, w.2));
+        }
+        if widest.is_none_or(|w| w.0.0 != r.0.0 || r.0.2 > w.0.2) {
+            widest = Some(r);
+        }
+    }
     out
 }
 
@@ -240,7 +280,7 @@ pub fn diff(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use wgmesh_api::annotations::{ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY};
 
@@ -358,6 +398,41 @@ mod tests {
             assert_eq!(peer_names(&s), peers, "peers: {name}");
             assert_eq!(skipped_names(&s), skipped, "skipped: {name}");
         }
+    }
+
+    #[test]
+    fn five_thousand_nodes_and_overlaps_among_them() {
+        let me = key(1);
+        let mut nodes: Vec<NodeRecord> = (0..5000u32)
+            .map(|i| {
+                let mut b = [0u8; 32];
+                b[..4].copy_from_slice(&(i + 7).to_be_bytes());
+                b[31] = 9;
+                let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
+                node(
+                    &format!("n{i:04}"),
+                    Some(PublicKey::from_bytes(b)),
+                    "192.0.2.50",
+                    &[cidr.as_str()],
+                )
+            })
+            .collect();
+        nodes[0].name = "a".into();
+        nodes[0]
+            .annotations
+            .insert(ANNOTATION_PUBLIC_KEY.into(), me.to_string());
+        let s = desired_state("a", &me, &nodes, 25);
+        assert_eq!(s.peers.len(), 4999);
+        // A wide CIDR on one node knocks out only itself and the nodes it overlaps.
+        nodes[4999].pod_cidrs = vec!["10.3.0.0/16".into()];
+        let s = desired_state("a", &me, &nodes, 25);
+        let skipped: BTreeSet<&str> = s.skipped.iter().map(|x| x.node.as_str()).collect();
+        assert!(skipped.contains("n4999"));
+        assert!(
+            skipped.contains("n0768") && skipped.contains("n1023"),
+            "10.3.x.0/24 nodes overlap"
+        );
+        assert_eq!(skipped.len(), 257, "{skipped:?}");
     }
 
     #[test]

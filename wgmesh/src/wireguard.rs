@@ -96,6 +96,10 @@ pub trait WgDevice: Send {
     /// Sets the private key and listen port without touching peers.
     fn set_identity(&mut self, key: &PrivateKey, listen_port: u16) -> Result<(), Error>;
     fn add_peer(&mut self, peer: &PeerSpec) -> Result<(), Error>;
+    /// Adds new peers; backends may batch them into fewer round trips.
+    fn add_peers(&mut self, peers: &[PeerSpec]) -> Result<(), Error> {
+        peers.iter().try_for_each(|p| self.add_peer(p))
+    }
     /// Changes endpoint, allowed IPs or keepalive of an existing peer.
     fn update_peer(&mut self, peer: &PeerSpec) -> Result<(), Error>;
     fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error>;
