@@ -1,6 +1,41 @@
 //! wgmesh datapath: loads the TC eBPF programs of `wgmesh-ebpf` with aya, attaches them to pod
 //! veths (`wgmesh_steer`, ingress) and the uplink (`wgmesh_guard`, egress), and keeps their maps
-//! (remote/local pod CIDRs, config, counters) in step with what the agent wants.
+//! (remote/cluster/local pod CIDRs, config, counters) in step with what the agent wants.
+//!
+//! # The two programs
+//!
+//! `wgmesh_steer` is the normal path: at ingress of each host-side pod veth it marks packets for
+//! the pod CIDRs of peered nodes ([`Datapath::sync_remote_cidrs`]), and the agent's policy rule
+//! routes marked packets into the WireGuard device, through the kernel's regular forwarding path.
+//!
+//! `wgmesh_guard`, at egress of the uplink, is the backstop for traffic that never crossed a
+//! steered veth and so would leave the node **in the clear**:
+//! * a pod created after the agent started sends its first packets before the agent has seen its
+//!   veth (netlink link event) and attached `wgmesh_steer` — they follow the CNI's plain route;
+//! * traffic the node itself originates to remote pods (NodePort → remote pod, host-network
+//!   processes) crosses no pod veth at all.
+//!
+//! It decides by destination address:
+//! 1. a peered node's pod CIDR (`REMOTE_*`) and the WireGuard device's ifindex is known
+//!    ([`DatapathConfig::tunnel_ifindex`], [`Datapath::set_tunnel_ifindex`]): the packet is
+//!    `bpf_redirect`ed to egress of that device (a TUN or a kernel `wireguard` link; being an L3
+//!    device, the kernel strips the Ethernet header) and counted as [`Counters::rescued`]. It never
+//!    leaves in the clear; should the index be stale (device gone), the kernel drops it.
+//! 2. else another node's pod CIDR ([`Datapath::sync_cluster_cidrs`]: every other node of the
+//!    cluster, peered or not, e.g. one whose agent has not published a key yet; a `REMOTE_*` CIDR
+//!    counts as one too while the ifindex is unknown): plaintext we cannot encrypt, counted as
+//!    [`Counters::leaked`] and, in strict mode, dropped ([`Counters::dropped_strict`]).
+//! 3. anything else passes untouched ([`Counters::uplink_passed`]): pods talking to the internet
+//!    (with or without SNAT), the node's own traffic, and the encrypted WireGuard UDP, which carries
+//!    node addresses. Passing never ends the TC chain, so other programs on the hook still run.
+//!
+//! Rescue is a safety net for stragglers, not a replacement for steering: a rescued packet was
+//! routed (and sized) for the uplink, not the tunnel. A full-size one (e.g. a node-originated TCP
+//! segment, MSS from the uplink's MTU) becomes an encrypted UDP packet larger than the uplink's
+//! MTU, which the WireGuard backend's socket fragments (or drops, if it sets DF); and the
+//! receiving peer accepts the inner source only if its AllowedIPs for this node cover it (this
+//! node's pod CIDRs do; the node's own uplink address only if the agent adds it). Bulk node
+//! traffic to remote pods is better routed into the tunnel by the agent.
 //!
 //! The one rule this crate is built around: **restarting or killing the agent must not interrupt
 //! steering, not even for a moment.** So every map is pinned under the agent's bpffs directory and
@@ -30,7 +65,10 @@ use aya::{EbpfLoader, programs::SchedClassifier, util::KernelVersion};
 use ipnet::IpNet;
 use wgmesh_ebpf_common::{Config, MAP_NAMES, PROG_GUARD, PROG_STEER};
 
-use crate::{attach::Target, maps::MapSet};
+use crate::{
+    attach::Target,
+    maps::{LATER_MAPS, MapSet},
+};
 pub use crate::{error::Error, maps::MapShape};
 
 /// The eBPF object built by `build.rs` (aya-build) for the BPF target, embedded so the agent is a
@@ -49,6 +87,12 @@ pub struct DatapathConfig {
     pub fwmask: u32,
     /// Drop plaintext pod traffic on the uplink instead of only counting it.
     pub strict: bool,
+    /// ifindex of the WireGuard device (in the calling thread's namespace) that the guard
+    /// redirects traffic for remote pod CIDRs into; 0 = unknown (no redirect: such traffic is
+    /// then counted as leaked, and dropped in strict mode). Resolve it before loading when the
+    /// device exists, so that a restart does not pause the backstop; keep it current with
+    /// [`Datapath::set_tunnel_ifindex`].
+    pub tunnel_ifindex: u32,
 }
 
 /// A TC hook.
@@ -80,7 +124,8 @@ pub struct Counters {
     pub local: u64,
     /// Other pod IP packets (left to the normal routing).
     pub passed: u64,
-    /// Plaintext pod packets seen leaving the uplink.
+    /// Plaintext packets seen leaving the uplink for another node's pod CIDR that could not be
+    /// encrypted (no WireGuard peer, or the tunnel's ifindex unknown).
     pub leaked: u64,
     /// Of those, dropped because of strict mode.
     pub dropped_strict: u64,
@@ -88,8 +133,12 @@ pub struct Counters {
     pub non_ip: u64,
     /// Truncated frames (either program), passed.
     pub malformed: u64,
-    /// Uplink packets that are not pod traffic.
+    /// Uplink packets not bound for another node's pod CIDR (internet, node traffic,
+    /// WireGuard's own UDP, ARP, ...).
     pub uplink_passed: u64,
+    /// Packets about to leave the uplink in the clear for a peered node's pod CIDR, redirected
+    /// into the WireGuard device instead (pods racing the steer attach, node-originated traffic).
+    pub rescued: u64,
 }
 
 /// How programs are attached on this kernel.
@@ -213,7 +262,7 @@ impl Datapath {
             fwmark: cfg.fwmark,
             fwmask: cfg.fwmask,
             strict: u32::from(cfg.strict),
-            reserved: 0,
+            tunnel_ifindex: cfg.tunnel_ifindex,
         })?;
         tracing::info!(
             attach_mode = %mode,
@@ -221,6 +270,7 @@ impl Datapath {
             reused_maps = reused.len(),
             fwmark = format_args!("{:#x}/{:#x}", cfg.fwmark, cfg.fwmask),
             strict = cfg.strict,
+            tunnel_ifindex = cfg.tunnel_ifindex,
             "datapath loaded"
         );
         Ok(Self {
@@ -246,8 +296,10 @@ impl Datapath {
                 path: bpffs_dir.to_path_buf(),
             });
         }
+        // Pins of an older build lack the later maps; the view reads them as empty.
         if MAP_NAMES
             .iter()
+            .filter(|map| !LATER_MAPS.contains(map))
             .any(|map| !maps::pin_path(bpffs_dir, map).exists())
         {
             return Err(no_pins());
@@ -349,6 +401,42 @@ impl Datapath {
         self.maps.local_cidrs()
     }
 
+    /// Makes the `CLUSTER_*` tries hold exactly `cidrs`: the pod CIDRs of *all* other nodes of
+    /// the cluster, peered or not. The guard counts (in strict mode drops) plaintext for them that
+    /// it cannot redirect into the tunnel. Same minimal-diff semantics as
+    /// [`Datapath::sync_remote_cidrs`].
+    pub fn sync_cluster_cidrs(&mut self, cidrs: &BTreeSet<IpNet>) -> Result<SyncStats, Error> {
+        self.maps.sync_cluster(cidrs)
+    }
+
+    /// The cluster pod CIDRs currently in the maps.
+    pub fn cluster_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
+        self.maps.cluster_cidrs()
+    }
+
+    /// Points the guard's redirect at the WireGuard device `ifindex` (0 = unknown: stop
+    /// redirecting). Takes effect for the next packet, without re-attaching anything; call it
+    /// whenever the device is re-created under a new index. `CONFIG` is rewritten only if the
+    /// value differs, so calling it on every reconcile is cheap.
+    pub fn set_tunnel_ifindex(&mut self, ifindex: u32) -> Result<(), Error> {
+        let current = self.maps.config()?;
+        let Some(updated) = with_tunnel_ifindex(current, ifindex) else {
+            return Ok(());
+        };
+        self.maps.write_config(updated)?;
+        tracing::info!(
+            tunnel_ifindex = ifindex,
+            previous = current.tunnel_ifindex,
+            "tunnel ifindex updated"
+        );
+        Ok(())
+    }
+
+    /// The WireGuard device ifindex the guard redirects to (0 = unknown).
+    pub fn tunnel_ifindex(&self) -> Result<u32, Error> {
+        Ok(self.maps.config()?.tunnel_ifindex)
+    }
+
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         self.maps.counters()
@@ -382,6 +470,14 @@ impl Datapath {
         tracing::info!(bpffs_dir = %bpffs_dir.display(), "datapath cleaned up");
         Ok(())
     }
+}
+
+/// `config` with `tunnel_ifindex` set, or `None` if it already has it (nothing to write).
+fn with_tunnel_ifindex(config: Config, tunnel_ifindex: u32) -> Option<Config> {
+    (config.tunnel_ifindex != tunnel_ifindex).then_some(Config {
+        tunnel_ifindex,
+        ..config
+    })
 }
 
 fn classifier<'a>(
@@ -424,6 +520,16 @@ impl PinnedDatapath {
         self.maps.local_cidrs()
     }
 
+    /// The cluster pod CIDRs in the maps (empty if the pins predate them).
+    pub fn cluster_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
+        self.maps.cluster_cidrs()
+    }
+
+    /// The WireGuard device ifindex the guard redirects to (0 = unknown).
+    pub fn tunnel_ifindex(&self) -> Result<u32, Error> {
+        Ok(self.maps.config()?.tunnel_ifindex)
+    }
+
     /// Interfaces with a recorded wgmesh attachment.
     pub fn attached_interfaces(&self) -> Result<Vec<(String, Direction)>, Error> {
         bpffs::list_link_pins(&self.links_dir)
@@ -455,6 +561,7 @@ mod tests {
                 fwmark,
                 fwmask,
                 strict: false,
+                tunnel_ifindex: 0,
             };
             assert!(
                 matches!(Datapath::load(&cfg), Err(Error::InvalidMark { .. })),
@@ -471,6 +578,7 @@ mod tests {
             fwmark: 0x10000,
             fwmask: 0x10000,
             strict: false,
+            tunnel_ifindex: 7,
         };
         let err = Datapath::load(&cfg).expect_err("not bpffs");
         assert!(matches!(err, Error::NotBpffs { .. }), "{err:?}");
@@ -521,6 +629,37 @@ mod tests {
                 removed: 6
             }
         );
+    }
+
+    #[test]
+    fn the_tunnel_ifindex_is_written_only_when_it_changes() {
+        let config = Config {
+            fwmark: 0x10000,
+            fwmask: 0x30000,
+            strict: 1,
+            tunnel_ifindex: 5,
+        };
+        assert_eq!(with_tunnel_ifindex(config, 5), None);
+        assert_eq!(
+            with_tunnel_ifindex(config, 9),
+            Some(Config {
+                tunnel_ifindex: 9,
+                ..config
+            })
+        );
+        // 0 (unknown) is a value like any other: it switches the redirect off.
+        assert_eq!(
+            with_tunnel_ifindex(config, 0).map(|c| c.tunnel_ifindex),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn config_keeps_the_shape_of_the_first_pinned_layout() {
+        // Four u32s: tunnel_ifindex took the place of the reserved word, so a CONFIG pinned by an
+        // earlier build (reserved = 0) is re-used and reads as "tunnel unknown".
+        assert_eq!(size_of::<Config>(), 16);
+        assert_eq!(std::mem::offset_of!(Config, tunnel_ifindex), 12);
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Typed access to the six pinned maps: CIDR tries, `CONFIG` and `COUNTERS`.
+//! Typed access to the eight pinned maps: CIDR tries, `CONFIG` and `COUNTERS`.
 //!
 //! The same [`MapSet`] backs a loaded [`crate::Datapath`] (maps taken from the aya object) and the
 //! read-only [`crate::PinnedDatapath`] (maps opened from their pins), so both read identically.
+//! The read-only view also accepts the pins of a build that predates the `CLUSTER_*` tries (an
+//! agent not yet upgraded): they then read as empty.
 
 use std::{
     collections::BTreeSet,
@@ -16,10 +18,10 @@ use aya::{
 };
 use ipnet::IpNet;
 use wgmesh_ebpf_common::{
-    CIDR_PRESENT, CONFIG_ENTRIES, CONFIG_INDEX, CONFIG_SIZE, COUNTER_SLOTS, CidrValue, Config,
-    Ipv4Key, Ipv6Key, LOCAL_MAX_ENTRIES, LPM_KEY_V4_SIZE, LPM_KEY_V6_SIZE, MAP_CONFIG,
-    MAP_COUNTERS, MAP_LOCAL_V4, MAP_LOCAL_V6, MAP_NAMES, MAP_REMOTE_V4, MAP_REMOTE_V6,
-    REMOTE_MAX_ENTRIES, counter,
+    CIDR_PRESENT, CLUSTER_MAX_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, CONFIG_SIZE, COUNTER_SLOTS,
+    CidrValue, Config, Ipv4Key, Ipv6Key, LOCAL_MAX_ENTRIES, LPM_KEY_V4_SIZE, LPM_KEY_V6_SIZE,
+    MAP_CLUSTER_V4, MAP_CLUSTER_V6, MAP_CONFIG, MAP_COUNTERS, MAP_LOCAL_V4, MAP_LOCAL_V6,
+    MAP_NAMES, MAP_REMOTE_V4, MAP_REMOTE_V6, REMOTE_MAX_ENTRIES, counter,
 };
 
 use crate::{
@@ -63,6 +65,8 @@ fn expected_shape(map: &str) -> Option<MapShape> {
         MAP_REMOTE_V6 => lpm(LPM_KEY_V6_SIZE, REMOTE_MAX_ENTRIES),
         MAP_LOCAL_V4 => lpm(LPM_KEY_V4_SIZE, LOCAL_MAX_ENTRIES),
         MAP_LOCAL_V6 => lpm(LPM_KEY_V6_SIZE, LOCAL_MAX_ENTRIES),
+        MAP_CLUSTER_V4 => lpm(LPM_KEY_V4_SIZE, CLUSTER_MAX_ENTRIES),
+        MAP_CLUSTER_V6 => lpm(LPM_KEY_V6_SIZE, CLUSTER_MAX_ENTRIES),
         MAP_CONFIG => MapShape {
             map_type: MapType::Array,
             key_size: 4,
@@ -123,12 +127,56 @@ pub(crate) fn check_pinned_shapes(bpffs_dir: &Path) -> Result<Vec<&'static str>,
     Ok(pinned)
 }
 
+/// Maps added after the first pinned layout: a pin set left by an older build lacks them.
+/// [`Datapath::load`](crate::Datapath::load) creates them next to the re-used pins; the read-only
+/// view treats them as empty until then.
+pub(crate) const LATER_MAPS: [&str; 2] = [MAP_CLUSTER_V4, MAP_CLUSTER_V6];
+
+/// The two tries (IPv4, IPv6) of one CIDR set.
+struct TriePair {
+    v4: LpmTrie<MapData, Ipv4Key, CidrValue>,
+    v6: LpmTrie<MapData, Ipv6Key, CidrValue>,
+    names: [&'static str; 2],
+    capacity: u32,
+}
+
+impl TriePair {
+    fn new(
+        names: [&'static str; 2],
+        capacity: u32,
+        mut get: impl FnMut(&'static str) -> Result<Map, Error>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            v4: typed(names[0], get(names[0])?)?,
+            v6: typed(names[1], get(names[1])?)?,
+            names,
+            capacity,
+        })
+    }
+
+    /// Makes the tries hold exactly `cidrs` (normalized, split by family) with minimal writes.
+    fn sync(&mut self, cidrs: &BTreeSet<IpNet>) -> Result<SyncStats, Error> {
+        let (v4, v6) = split_normalized(cidrs);
+        check_capacity(self.names[0], v4.len(), self.capacity)?;
+        check_capacity(self.names[1], v6.len(), self.capacity)?;
+        let stats_v4 = sync_trie::<V4>(&mut self.v4, self.names[0], self.capacity, &v4)?;
+        let stats_v6 = sync_trie::<V6>(&mut self.v6, self.names[1], self.capacity, &v6)?;
+        Ok(stats_v4 + stats_v6)
+    }
+
+    fn cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
+        let v4 = read_trie::<V4>(&self.v4, self.names[0])?.nets;
+        let v6 = read_trie::<V6>(&self.v6, self.names[1])?.nets;
+        Ok(both(v4, v6))
+    }
+}
+
 /// The maps, typed.
 pub(crate) struct MapSet {
-    remote_v4: LpmTrie<MapData, Ipv4Key, CidrValue>,
-    remote_v6: LpmTrie<MapData, Ipv6Key, CidrValue>,
-    local_v4: LpmTrie<MapData, Ipv4Key, CidrValue>,
-    local_v6: LpmTrie<MapData, Ipv6Key, CidrValue>,
+    remote: TriePair,
+    local: TriePair,
+    /// `None` only in a read-only view of pins from a build without the `CLUSTER_*` tries.
+    cluster: Option<TriePair>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -139,10 +187,9 @@ impl MapSet {
     pub(crate) fn take_from(ebpf: &mut Ebpf) -> Result<Self, Error> {
         let mut take = |map: &'static str| ebpf.take_map(map).ok_or(Error::MissingMap { map });
         Ok(Self {
-            remote_v4: typed(MAP_REMOTE_V4, take(MAP_REMOTE_V4)?)?,
-            remote_v6: typed(MAP_REMOTE_V6, take(MAP_REMOTE_V6)?)?,
-            local_v4: typed(MAP_LOCAL_V4, take(MAP_LOCAL_V4)?)?,
-            local_v6: typed(MAP_LOCAL_V6, take(MAP_LOCAL_V6)?)?,
+            remote: TriePair::new(REMOTE, REMOTE_MAX_ENTRIES, &mut take)?,
+            local: TriePair::new(LOCAL, LOCAL_MAX_ENTRIES, &mut take)?,
+            cluster: Some(TriePair::new(CLUSTER, CLUSTER_MAX_ENTRIES, &mut take)?),
             config: typed(MAP_CONFIG, take(MAP_CONFIG)?)?,
             counters: typed(MAP_COUNTERS, take(MAP_COUNTERS)?)?,
         })
@@ -162,11 +209,15 @@ impl MapSet {
                 source: Box::new(source),
             })
         };
+        let cluster_pinned = CLUSTER.iter().all(|map| pin_path(bpffs_dir, map).exists());
         Ok(Self {
-            remote_v4: typed(MAP_REMOTE_V4, open(MAP_REMOTE_V4)?)?,
-            remote_v6: typed(MAP_REMOTE_V6, open(MAP_REMOTE_V6)?)?,
-            local_v4: typed(MAP_LOCAL_V4, open(MAP_LOCAL_V4)?)?,
-            local_v6: typed(MAP_LOCAL_V6, open(MAP_LOCAL_V6)?)?,
+            remote: TriePair::new(REMOTE, REMOTE_MAX_ENTRIES, open)?,
+            local: TriePair::new(LOCAL, LOCAL_MAX_ENTRIES, open)?,
+            cluster: if cluster_pinned {
+                Some(TriePair::new(CLUSTER, CLUSTER_MAX_ENTRIES, open)?)
+            } else {
+                None
+            },
             config: typed(MAP_CONFIG, open(MAP_CONFIG)?)?,
             counters: typed(MAP_COUNTERS, open(MAP_COUNTERS)?)?,
         })
@@ -213,41 +264,46 @@ impl MapSet {
             non_ip: read(counter::NON_IP)?,
             malformed: read(counter::MALFORMED)?,
             uplink_passed: read(counter::UPLINK_PASSED)?,
+            rescued: read(counter::RESCUED)?,
         })
     }
 
     pub(crate) fn sync_remote(&mut self, cidrs: &BTreeSet<IpNet>) -> Result<SyncStats, Error> {
-        let (v4, v6) = split_normalized(cidrs);
-        check_capacity(MAP_REMOTE_V4, v4.len(), REMOTE_MAX_ENTRIES)?;
-        check_capacity(MAP_REMOTE_V6, v6.len(), REMOTE_MAX_ENTRIES)?;
-        let stats_v4 =
-            sync_trie::<V4>(&mut self.remote_v4, MAP_REMOTE_V4, REMOTE_MAX_ENTRIES, &v4)?;
-        let stats_v6 =
-            sync_trie::<V6>(&mut self.remote_v6, MAP_REMOTE_V6, REMOTE_MAX_ENTRIES, &v6)?;
-        Ok(stats_v4 + stats_v6)
+        self.remote.sync(cidrs)
     }
 
     pub(crate) fn sync_local(&mut self, cidrs: &BTreeSet<IpNet>) -> Result<SyncStats, Error> {
-        let (v4, v6) = split_normalized(cidrs);
-        check_capacity(MAP_LOCAL_V4, v4.len(), LOCAL_MAX_ENTRIES)?;
-        check_capacity(MAP_LOCAL_V6, v6.len(), LOCAL_MAX_ENTRIES)?;
-        let stats_v4 = sync_trie::<V4>(&mut self.local_v4, MAP_LOCAL_V4, LOCAL_MAX_ENTRIES, &v4)?;
-        let stats_v6 = sync_trie::<V6>(&mut self.local_v6, MAP_LOCAL_V6, LOCAL_MAX_ENTRIES, &v6)?;
-        Ok(stats_v4 + stats_v6)
+        self.local.sync(cidrs)
+    }
+
+    pub(crate) fn sync_cluster(&mut self, cidrs: &BTreeSet<IpNet>) -> Result<SyncStats, Error> {
+        self.cluster
+            .as_mut()
+            .ok_or(Error::MissingMap {
+                map: MAP_CLUSTER_V4,
+            })?
+            .sync(cidrs)
     }
 
     pub(crate) fn remote_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
-        let v4 = read_trie::<V4>(&self.remote_v4, MAP_REMOTE_V4)?.nets;
-        let v6 = read_trie::<V6>(&self.remote_v6, MAP_REMOTE_V6)?.nets;
-        Ok(both(v4, v6))
+        self.remote.cidrs()
     }
 
     pub(crate) fn local_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
-        let v4 = read_trie::<V4>(&self.local_v4, MAP_LOCAL_V4)?.nets;
-        let v6 = read_trie::<V6>(&self.local_v6, MAP_LOCAL_V6)?.nets;
-        Ok(both(v4, v6))
+        self.local.cidrs()
+    }
+
+    /// Empty for pins of a build that had no `CLUSTER_*` tries.
+    pub(crate) fn cluster_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
+        self.cluster
+            .as_ref()
+            .map_or_else(|| Ok(BTreeSet::new()), TriePair::cidrs)
     }
 }
+
+const REMOTE: [&str; 2] = [MAP_REMOTE_V4, MAP_REMOTE_V6];
+const LOCAL: [&str; 2] = [MAP_LOCAL_V4, MAP_LOCAL_V6];
+const CLUSTER: [&str; 2] = [MAP_CLUSTER_V4, MAP_CLUSTER_V6];
 
 fn typed<T>(map: &'static str, raw: Map) -> Result<T, Error>
 where
@@ -389,6 +445,24 @@ mod tests {
             assert!(expected_shape(map).is_some(), "{map}");
         }
         assert!(expected_shape("NOPE").is_none());
+    }
+
+    #[test]
+    fn cluster_tries_are_as_large_as_the_remote_ones() {
+        for (cluster, remote) in [
+            (MAP_CLUSTER_V4, MAP_REMOTE_V4),
+            (MAP_CLUSTER_V6, MAP_REMOTE_V6),
+        ] {
+            assert_eq!(expected_shape(cluster), expected_shape(remote), "{cluster}");
+        }
+    }
+
+    #[test]
+    fn only_the_cluster_tries_may_be_missing_from_an_older_pin_set() {
+        assert_eq!(LATER_MAPS, CLUSTER);
+        for map in LATER_MAPS {
+            assert!(MAP_NAMES.contains(&map), "{map}");
+        }
     }
 
     #[test]

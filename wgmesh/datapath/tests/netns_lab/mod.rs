@@ -8,31 +8,47 @@
 //!                                        2001:db8:200::1   (stands in for  lo 198.19.2.1, 2001:db8:2::1
 //!                                                           the WireGuard    (the remote pod)
 //!                                                           tunnel)
+//!                                        [wgt0: a TUN, on demand]          peer ns lo:
+//!                                                                          198.19.3.1, 2001:db8:3::1
+//!                                                                           (pod of an unpeered node)
+//!                                                                          203.0.113.1, 2001:db8:ff::1
+//!                                                                           ("the internet")
 //! ```
 //! The node routes the remote pod CIDR (198.19.2.0/24, 2001:db8:2::/64) via the uplink like a CNI
 //! would, and has the agent's policy rule `fwmark 0x10000/0x10000 -> table 51 -> wg0`. The peer
 //! does not own the remote pod address and does not forward, so a ping to it only succeeds if the
-//! packet was marked and went through wg0. Only documentation ranges are used; nothing touches the
-//! root namespace's links or routes, and all traffic stays inside these namespaces.
+//! packet was marked and went through wg0 — or was redirected into the TUN [`TunDevice`], an L3
+//! device like the real WireGuard device, whose reader thread answers pings. The peer does own the
+//! pod address of a cluster node we have no WireGuard peer for (198.19.3.0/24, 2001:db8:3::/64)
+//! and an "internet" address, both routed via the uplink. [`Capture`] records what reaches the
+//! peer in the clear. Only documentation ranges are used; nothing touches the root namespace's
+//! links or routes, and all traffic stays inside these namespaces.
 //!
 //! Every resource is an RAII guard: namespaces are deleted and the bpffs unmounted even when a
 //! scenario fails half-way.
 
 use std::{
     fs::File,
-    os::fd::AsFd as _,
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::OpenOptionsExt as _,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        Mutex,
-        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
         mpsc,
     },
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
-use anyhow::{Context as _, Result, anyhow, ensure};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use aya::programs::{SchedClassifier, TcAttachType};
+use ipnet::IpNet;
 use nix::sched::{CloneFlags, setns};
 use wgmesh_datapath::{AttachMode, Datapath, DatapathConfig, Direction};
 
@@ -46,6 +62,16 @@ pub const REMOTE_CIDR_V6: &str = "2001:db8:2::/64";
 pub const REMOTE_POD_V4: &str = "198.19.2.1";
 pub const REMOTE_POD_V6: &str = "2001:db8:2::1";
 pub const PEER_V4: &str = "198.18.100.2";
+/// Pod CIDR of a cluster node we have no WireGuard peer for; the peer owns its first address.
+pub const CLUSTER_ONLY_CIDR_V4: &str = "198.19.3.0/24";
+pub const CLUSTER_ONLY_CIDR_V6: &str = "2001:db8:3::/64";
+pub const CLUSTER_ONLY_POD_V4: &str = "198.19.3.1";
+pub const CLUSTER_ONLY_POD_V6: &str = "2001:db8:3::1";
+/// Outside every pod CIDR ("the internet"); the peer owns it.
+pub const INTERNET_V4: &str = "203.0.113.1";
+pub const INTERNET_V6: &str = "2001:db8:ff::1";
+/// The on-demand TUN standing in for the WireGuard device as the guard sees it (L3).
+pub const TUN_IF: &str = "wgt0";
 pub const POD_IF: &str = "vpod";
 pub const UPLINK_IF: &str = "up0";
 pub const TUNNEL_IF: &str = "wg0";
@@ -430,7 +456,21 @@ impl Lab {
             bpffs,
         };
         lab.wire()?;
+        lab.wait_for_the_pod_gateway()?;
         Ok(lab)
+    }
+
+    /// A fresh pod's first IPv6 neighbor solicitation for its gateway sometimes goes unanswered
+    /// (the node's side of the veth is not quite ready); the retransmission a second later is
+    /// answered, just too late for a one-second ping. Settle that once, so every scenario's first
+    /// ping means what it says.
+    fn wait_for_the_pod_gateway(&self) -> Result<()> {
+        eventually("the pod reaches its IPv6 gateway", || {
+            self.pod.ping("2001:db8:1::1")
+        })?;
+        eventually("the pod reaches its IPv4 gateway", || {
+            self.pod.ping(NODE_POD_GW_V4)
+        })
     }
 
     fn wire(&self) -> Result<()> {
@@ -507,8 +547,26 @@ impl Lab {
             "table",
             "51",
         ])?;
+        // The CNI's plaintext routes to the unpeered node's pods and to "the internet".
+        for (dst, via) in [
+            (CLUSTER_ONLY_CIDR_V4, PEER_V4),
+            (CLUSTER_ONLY_CIDR_V6, "2001:db8:100::2"),
+            ("203.0.113.0/24", PEER_V4),
+            ("2001:db8:ff::/64", "2001:db8:100::2"),
+        ] {
+            node.ip(&["route", "add", dst, "via", via])?;
+        }
         // Peer: the next node on the plaintext path; answers for itself only, never forwards.
+        // It also owns the unpeered node's pod and the "internet" address.
         peer.ip(&["addr", "add", "198.18.100.2/24", "dev", "eth0"])?;
+        for addr in [
+            "198.19.3.1/32",
+            "2001:db8:3::1/128",
+            "203.0.113.1/32",
+            "2001:db8:ff::1/128",
+        ] {
+            peer.ip(&["addr", "add", addr, "dev", "lo"])?;
+        }
         peer.ip(&[
             "-6",
             "addr",
@@ -605,7 +663,8 @@ impl Lab {
             "nodad",
         ])?;
         self.node.ip(&["link", "set", POD_IF, "up"])?;
-        self.address_pod_side()
+        self.address_pod_side()?;
+        self.wait_for_the_pod_gateway()
     }
 
     pub fn config(&self, strict: bool) -> DatapathConfig {
@@ -614,7 +673,454 @@ impl Lab {
             fwmark: FWMARK,
             fwmask: FWMASK,
             strict,
+            tunnel_ifindex: 0,
         }
+    }
+
+    /// Creates the TUN [`TUN_IF`] in the node namespace and brings it up.
+    pub fn tun_device(&self) -> Result<TunDevice> {
+        let tun = TunDevice::create(&self.node, TUN_IF)?;
+        self.node.ip(&["link", "set", TUN_IF, "up"])?;
+        Ok(tun)
+    }
+
+    /// Whether `ifname` exists in the node namespace.
+    pub fn node_has_link(&self, ifname: &str) -> Result<bool> {
+        Ok(self
+            .node
+            .exec("ip", &["link", "show", "dev", ifname])?
+            .status
+            .success())
+    }
+}
+
+/// Enters the network namespace at `/var/run/netns/<name>` (this thread only).
+fn enter_netns(name: &str) -> Result<()> {
+    let path = format!("/var/run/netns/{name}");
+    let ns = File::open(&path).with_context(|| format!("open {path}"))?;
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {path}"))?;
+    Ok(())
+}
+
+/// Runs `body` on a new thread inside `netns`; `setup` runs there first and its result (or error)
+/// is returned once it is done, so the caller knows the thread is ready. `body` runs until `stop`.
+fn spawn_in_netns<S: Send + 'static, R: Send + 'static>(
+    netns: &Netns,
+    what: &str,
+    setup: impl FnOnce() -> Result<(S, R)> + Send + 'static,
+    body: impl FnOnce(S, Arc<AtomicBool>) -> Result<()> + Send + 'static,
+) -> Result<(R, Arc<AtomicBool>, JoinHandle<Result<()>>)> {
+    let name = netns.name.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop_thread = Arc::clone(&stop);
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<R>>();
+    let thread = thread::Builder::new()
+        .name(format!("{what}-{name}"))
+        .spawn(move || -> Result<()> {
+            let state = match enter_netns(&name).and_then(|()| setup()) {
+                Ok((state, ready)) => {
+                    ready_tx
+                        .send(Ok(ready))
+                        .map_err(|_| anyhow!("nobody waits"))?;
+                    state
+                }
+                Err(err) => {
+                    let msg = format!("{err:#}");
+                    // The caller reports the error; if it is gone there is nobody to tell.
+                    let _ = ready_tx.send(Err(err));
+                    bail!(msg);
+                }
+            };
+            body(state, stop_thread)
+        })?;
+    let ready = ready_rx
+        .recv()
+        .with_context(|| format!("{what} thread died"))??;
+    Ok((ready, stop, thread))
+}
+
+fn finish_thread(
+    what: &str,
+    stop: &AtomicBool,
+    thread: &mut Option<JoinHandle<Result<()>>>,
+) -> Result<()> {
+    stop.store(true, Ordering::Relaxed);
+    match thread.take() {
+        Some(thread) => thread
+            .join()
+            .map_err(|_| anyhow!("{what} thread panicked"))?,
+        None => Ok(()),
+    }
+}
+
+/// The destination of a raw IPv4/IPv6 packet (no link-layer header), if it is one.
+pub fn ip_dst(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => {
+            let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(dst)))
+        }
+        6 => {
+            let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(dst)))
+        }
+        _ => None,
+    }
+}
+
+/// RFC 1624 incremental update of an Internet checksum when a 16-bit word changes.
+pub fn checksum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The loop folded the sum into 16 bits.
+    !(sum as u16)
+}
+
+/// The echo reply to an ICMP/ICMPv6 echo request in a raw IP packet (addresses swapped, type
+/// changed, checksum updated), or `None` for anything else. IPv6 extension headers are not
+/// followed (ping sends none).
+pub fn echo_reply(packet: &[u8]) -> Option<Vec<u8>> {
+    let mut reply = packet.to_vec();
+    let (icmp, new_type) = match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if packet.get(9) != Some(&1) || packet.get(ihl) != Some(&8) {
+                return None;
+            }
+            // Swapping source and destination leaves the header checksum as it is.
+            for i in 0..4 {
+                reply.swap(12 + i, 16 + i);
+            }
+            (ihl, 0)
+        }
+        6 => {
+            if packet.get(6) != Some(&58) || packet.get(40) != Some(&128) {
+                return None;
+            }
+            // The pseudo-header sum is the same with the addresses swapped.
+            for i in 0..16 {
+                reply.swap(8 + i, 24 + i);
+            }
+            (40, 129)
+        }
+        _ => return None,
+    };
+    let check_at = icmp + 2;
+    let check = u16::from_be_bytes(reply.get(check_at..check_at + 2)?.try_into().ok()?);
+    let old = u16::from_be_bytes([reply[icmp], reply[icmp + 1]]);
+    reply[icmp] = new_type;
+    let new = u16::from_be_bytes([reply[icmp], reply[icmp + 1]]);
+    reply[check_at..check_at + 2].copy_from_slice(&checksum_replace(check, old, new).to_be_bytes());
+    Some(reply)
+}
+
+/// A TUN device (IFF_TUN, no packet info: raw IP packets, an L3 device like a WireGuard link) in
+/// a namespace, read by a thread that records every packet and answers ICMP echo requests, like
+/// a tunnel whose far end owns every address. Dropping it closes the fd, which deletes the device.
+pub struct TunDevice {
+    pub ifindex: u32,
+    packets: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl TunDevice {
+    pub fn create(netns: &Netns, ifname: &str) -> Result<Self> {
+        let name = ifname.to_owned();
+        let packets = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&packets);
+        let (ifindex, stop, thread) = spawn_in_netns(
+            netns,
+            "tun",
+            move || {
+                let tun = open_tun(&name)?;
+                let ifindex = nix::net::if_::if_nametoindex(name.as_str())
+                    .with_context(|| format!("ifindex of {name}"))?;
+                Ok((tun, ifindex))
+            },
+            move |tun, stop| serve_tun(&tun, &recorded, &stop),
+        )?;
+        Ok(Self {
+            ifindex,
+            packets,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Every packet read from the device so far.
+    pub fn packets(&self) -> Vec<Vec<u8>> {
+        self.packets
+            .lock()
+            .map(|packets| packets.clone())
+            .unwrap_or_default()
+    }
+
+    /// How many packets read so far were addressed to `dst`.
+    pub fn packets_to(&self, dst: &str) -> Result<usize> {
+        let dst: IpAddr = dst.parse()?;
+        Ok(self
+            .packets()
+            .iter()
+            .filter(|packet| ip_dst(packet) == Some(dst))
+            .count())
+    }
+
+    /// Stops the reader and closes the device (which deletes it).
+    pub fn close(mut self) -> Result<()> {
+        finish_thread("tun", &self.stop, &mut self.thread)
+    }
+}
+
+impl Drop for TunDevice {
+    fn drop(&mut self) {
+        if let Err(err) = finish_thread("tun", &self.stop, &mut self.thread) {
+            eprintln!("teardown: {err:#}");
+        }
+    }
+}
+
+/// Opens `/dev/net/tun` and creates the (non-persistent) TUN `name` in this thread's namespace.
+fn open_tun(name: &str) -> Result<File> {
+    let tun = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")
+        .context("open /dev/net/tun")?;
+    // SAFETY: `ifreq` is plain old data (a name array and a union of integers/structs of
+    // integers); all-zero is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    ensure!(name.len() < request.ifr_name.len(), "name too long: {name}");
+    for (slot, byte) in request.ifr_name.iter_mut().zip(name.bytes()) {
+        *slot = byte as libc::c_char;
+    }
+    request.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one `ifreq`, which `request` is and which outlives the
+    // call; the fd is an open /dev/net/tun.
+    let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &raw mut request) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("TUNSETIFF {name}"));
+    }
+    Ok(tun)
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable.
+fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout_ms: i32) -> Result<bool> {
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, timeout_ms) };
+    if ready < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(err).context("poll");
+    }
+    Ok(ready > 0)
+}
+
+fn serve_tun(tun: &File, recorded: &Mutex<Vec<Vec<u8>>>, stop: &AtomicBool) -> Result<()> {
+    let mut buf = vec![0u8; 65_536];
+    let mut reader = tun;
+    while !stop.load(Ordering::Relaxed) {
+        if !wait_readable(tun, 50)? {
+            continue;
+        }
+        loop {
+            let len = match reader.read(&mut buf) {
+                Ok(len) => len,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) => return Err(err).context("read from the TUN"),
+            };
+            let packet = buf[..len].to_vec();
+            if let Some(reply) = echo_reply(&packet) {
+                let mut writer = tun;
+                if let Err(err) = writer.write_all(&reply) {
+                    eprintln!("tun: cannot answer: {err}");
+                }
+            }
+            recorded
+                .lock()
+                .map_err(|_| anyhow!("tun packets lock poisoned"))?
+                .push(packet);
+        }
+    }
+    Ok(())
+}
+
+/// Records the frames an interface receives (an `AF_PACKET` socket in its namespace): what went
+/// over the wire in the clear.
+pub struct Capture {
+    frames: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Capture {
+    pub fn start(netns: &Netns, ifname: &str) -> Result<Self> {
+        let name = ifname.to_owned();
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&frames);
+        let ((), stop, thread) = spawn_in_netns(
+            netns,
+            "capture",
+            move || {
+                let ifindex = nix::net::if_::if_nametoindex(name.as_str())
+                    .with_context(|| format!("ifindex of {name}"))?;
+                Ok(((packet_socket(ifindex)?, ifindex), ()))
+            },
+            move |(socket, ifindex), stop| capture(&socket, ifindex, &recorded, &stop),
+        )?;
+        Ok(Self {
+            frames,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops capturing (after reading what is queued) and returns how many received frames
+    /// carried an IP packet for one of `nets`.
+    pub fn finish_count(mut self, nets: &[&str]) -> Result<usize> {
+        // Frames are queued on the socket before the sender's ping even times out; give the
+        // reader one more round anyway.
+        thread::sleep(Duration::from_millis(100));
+        finish_thread("capture", &self.stop, &mut self.thread)?;
+        let nets = nets
+            .iter()
+            .map(|net| net.parse::<IpNet>())
+            .collect::<Result<Vec<_>, _>>()?;
+        let frames = self
+            .frames
+            .lock()
+            .map_err(|_| anyhow!("capture lock poisoned"))?;
+        Ok(frames
+            .iter()
+            .filter_map(|frame| {
+                let ethertype = u16::from_be_bytes(frame.get(12..14)?.try_into().ok()?);
+                matches!(ethertype, 0x0800 | 0x86dd)
+                    .then(|| ip_dst(frame.get(14..)?))
+                    .flatten()
+            })
+            .filter(|dst| nets.iter().any(|net| net.contains(dst)))
+            .count())
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Err(err) = finish_thread("capture", &self.stop, &mut self.thread) {
+            eprintln!("teardown: {err:#}");
+        }
+    }
+}
+
+/// A raw packet socket bound to `ifindex`, with a 50 ms receive timeout.
+fn packet_socket(ifindex: u32) -> Result<OwnedFd> {
+    let protocol = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain syscall; the result is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            i32::from(protocol),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error()).context("socket(AF_PACKET)");
+    }
+    // SAFETY: `fd` is a new socket that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `sockaddr_ll` is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = protocol;
+    addr.sll_ifindex = i32::try_from(ifindex)?;
+    // SAFETY: `addr` is a valid sockaddr_ll of the size passed, alive for the call.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("bind(AF_PACKET)");
+    }
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: SO_RCVTIMEO takes a timeval of the size passed, alive for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error()).context("SO_RCVTIMEO");
+    }
+    Ok(socket)
+}
+
+fn capture(
+    socket: &OwnedFd,
+    ifindex: u32,
+    recorded: &Mutex<Vec<Vec<u8>>>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        // SAFETY: `sockaddr_ll` is plain old data; all-zero is valid.
+        let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `buf` and `from` are valid for writes of the sizes passed and outlive the call.
+        let len = unsafe {
+            libc::recvfrom(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+                (&raw mut from).cast(),
+                &raw mut from_len,
+            )
+        };
+        if len < 0 {
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                // Timed out with nothing queued: done once asked to stop.
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(err).context("recvfrom(AF_PACKET)"),
+            }
+        }
+        // Frames queued before bind() may come from other interfaces; and only what arrived
+        // counts, not what this namespace sent.
+        if u32::try_from(from.sll_ifindex).ok() != Some(ifindex)
+            || from.sll_pkttype == libc::PACKET_OUTGOING
+        {
+            continue;
+        }
+        let len = usize::try_from(len)?;
+        recorded
+            .lock()
+            .map_err(|_| anyhow!("capture lock poisoned"))?
+            .push(buf[..len].to_vec());
     }
 }
 
