@@ -59,7 +59,9 @@ const ETH_HLEN: usize = 14;
 const ETH_TYPE_OFFSET: usize = 12;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const IPV4_SRC_OFFSET: usize = ETH_HLEN + 12;
 const IPV4_DST_OFFSET: usize = ETH_HLEN + 16;
+const IPV6_SRC_OFFSET: usize = ETH_HLEN + 8;
 const IPV6_DST_OFFSET: usize = ETH_HLEN + 24;
 /// `bpf_redirect` flags: 0 = egress of the target device.
 const REDIRECT_EGRESS: u64 = 0;
@@ -93,8 +95,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
 
 /// The destination of a parsed frame (both programs decide on the destination alone).
 enum Packet {
-    V4 { dst: Ipv4Key },
-    V6 { dst: Ipv6Key },
+    V4 { src: Ipv4Key, dst: Ipv4Key },
+    V6 { src: Ipv6Key, dst: Ipv6Key },
     NonIp,
 }
 
@@ -106,9 +108,11 @@ fn parse(ctx: &TcContext) -> Result<Packet, Malformed> {
     let ethertype = u16::from_be(ctx.load::<u16>(ETH_TYPE_OFFSET).map_err(|_| Malformed)?);
     match ethertype {
         ETH_P_IP => Ok(Packet::V4 {
+            src: ctx.load(IPV4_SRC_OFFSET).map_err(|_| Malformed)?,
             dst: ctx.load(IPV4_DST_OFFSET).map_err(|_| Malformed)?,
         }),
         ETH_P_IPV6 => Ok(Packet::V6 {
+            src: ctx.load(IPV6_SRC_OFFSET).map_err(|_| Malformed)?,
             dst: ctx.load(IPV6_DST_OFFSET).map_err(|_| Malformed)?,
         }),
         _ => Ok(Packet::NonIp),
@@ -167,11 +171,11 @@ fn try_steer(ctx: &TcContext) -> Result<i32, i32> {
         ON_MALFORMED
     })?;
     let (remote, local) = match packet {
-        Packet::V4 { dst } => {
+        Packet::V4 { dst, .. } => {
             let remote = REMOTE_V4.get(host_key_v4(dst)).is_some();
             (remote, !remote && LOCAL_V4.get(host_key_v4(dst)).is_some())
         }
-        Packet::V6 { dst } => {
+        Packet::V6 { dst, .. } => {
             let remote = REMOTE_V6.get(host_key_v6(dst)).is_some();
             (remote, !remote && LOCAL_V6.get(host_key_v6(dst)).is_some())
         }
@@ -209,16 +213,29 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
     })?;
     // A peered node's pod CIDR is by definition a cluster pod CIDR: it counts as one even if the
     // agent has not put it into CLUSTER_* (yet), so it can never pass silently.
-    let (remote, cluster) = match packet {
-        Packet::V4 { dst } => {
+    // Only pod-originated packets are rescued: the peer accepts a decrypted packet only from a
+    // source inside this node's allowed IPs (its pod CIDRs), and the replies to the node's own
+    // address would not come back through the tunnel. Node-originated plaintext is counted.
+    let (remote, cluster, from_pod) = match packet {
+        Packet::V4 { src, dst } => {
             let remote = REMOTE_V4.get(host_key_v4(dst)).is_some();
-            (remote, remote || CLUSTER_V4.get(host_key_v4(dst)).is_some())
+            let cluster = remote || CLUSTER_V4.get(host_key_v4(dst)).is_some();
+            (
+                remote,
+                cluster,
+                cluster && LOCAL_V4.get(host_key_v4(src)).is_some(),
+            )
         }
-        Packet::V6 { dst } => {
+        Packet::V6 { src, dst } => {
             let remote = REMOTE_V6.get(host_key_v6(dst)).is_some();
-            (remote, remote || CLUSTER_V6.get(host_key_v6(dst)).is_some())
+            let cluster = remote || CLUSTER_V6.get(host_key_v6(dst)).is_some();
+            (
+                remote,
+                cluster,
+                cluster && LOCAL_V6.get(host_key_v6(src)).is_some(),
+            )
         }
-        Packet::NonIp => (false, false),
+        Packet::NonIp => (false, false, false),
     };
     if !cluster {
         bump(counter::UPLINK_PASSED, 1);
@@ -226,6 +243,7 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
     }
     let config = CONFIG.get(CONFIG_INDEX);
     if remote
+        && from_pod
         && let Some(ifindex) = config.map(|config| config.tunnel_ifindex)
         && ifindex != 0
     {
