@@ -150,6 +150,9 @@ impl Agent {
         let device = tokio::task::block_in_place(|| open_device(&args))
             .context("opening the WireGuard device")?;
         tracing::info!(interface = %args.local.interface, backend = %device.backend(), "wireguard device ready");
+        if let Ok(mut d) = shared.device.lock() {
+            *d = Some(device.reader());
+        }
 
         let tunnel_ifindex = nl
             .link(&args.local.interface)
@@ -703,6 +706,7 @@ impl Agent {
                 counters,
             },
             last_reconcile: self.last_reconcile.clone(),
+            device: None,
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = Some(status);
@@ -714,6 +718,41 @@ impl Agent {
 
     pub fn backend(&self) -> Backend {
         self.device.backend()
+    }
+}
+
+/// The device as `wg show` would show it, with peers named by node where the key is known.
+pub fn device_status(
+    state: &wireguard::DeviceState,
+    desired: &[DesiredPeer],
+) -> wgmesh_api::status::DeviceStatus {
+    let names: BTreeMap<PublicKey, &str> = desired
+        .iter()
+        .map(|p| (p.public_key, p.node.as_str()))
+        .collect();
+    let unix = |t: SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .ok()
+    };
+    wgmesh_api::status::DeviceStatus {
+        public_key: state.public_key,
+        listen_port: state.listen_port,
+        fwmark: state.fwmark,
+        peers: state
+            .peers
+            .iter()
+            .map(|(k, p)| wgmesh_api::status::DevicePeerStatus {
+                node: names.get(k).map(|n| (*n).to_owned()),
+                public_key: *k,
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                allowed_ips: p.allowed_ips.iter().map(|n| n.to_string()).collect(),
+                latest_handshake: p.last_handshake.and_then(unix),
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                persistent_keepalive: p.keepalive,
+            })
+            .collect(),
     }
 }
 

@@ -117,6 +117,8 @@ pub struct Shared {
     pub status: Mutex<Option<AgentStatus>>,
     /// Read-only view of the pinned maps, so `/status` and `/metrics` show live kernel counters.
     pub pins: Mutex<Option<wgmesh_datapath::PinnedDatapath>>,
+    /// Reads the WireGuard device live for `/status`.
+    pub device: Mutex<Option<Arc<dyn crate::wireguard::DeviceReader>>>,
     pub ready: std::sync::atomic::AtomicBool,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
@@ -129,6 +131,7 @@ impl Shared {
         Arc::new(Self {
             status: Mutex::new(None),
             pins: Mutex::new(None),
+            device: Mutex::new(None),
             ready: false.into(),
             metrics,
             registry,
@@ -177,6 +180,18 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/status" => {
             let mut status = shared.status.lock().map(|s| s.clone()).unwrap_or(None);
+            if let Some(st) = status.as_mut() {
+                let reader = shared.device.lock().ok().and_then(|d| d.clone());
+                match reader.map(|r| r.read_state()) {
+                    Some(Ok(state)) => {
+                        st.device = Some(crate::agent::device_status(&state, &st.desired_peers))
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot read the device for /status")
+                    }
+                    None => tracing::warn!("no device reader for /status"),
+                }
+            }
             if let (Some(st), Ok(pins)) = (status.as_mut(), shared.pins.lock())
                 && let Some(pins) = pins.as_ref()
             {

@@ -87,8 +87,15 @@ pub enum Error {
     },
 }
 
+/// Reads a device's state from any thread (a new UAPI connection or netlink socket per read).
+pub trait DeviceReader: Send + Sync {
+    fn read_state(&self) -> Result<DeviceState, Error>;
+}
+
 /// A WireGuard interface that can be read and changed one peer at a time.
 pub trait WgDevice: Send {
+    /// A reader for the status endpoint, independent of this handle.
+    fn reader(&self) -> std::sync::Arc<dyn DeviceReader>;
     fn backend(&self) -> Backend;
     fn interface(&self) -> &str;
     /// Reads the device's identity and peers.
@@ -116,7 +123,17 @@ pub struct FakeDevice {
 }
 
 #[cfg(test)]
+impl DeviceReader for DeviceState {
+    fn read_state(&self) -> Result<DeviceState, Error> {
+        Ok(self.clone())
+    }
+}
+
+#[cfg(test)]
 impl WgDevice for FakeDevice {
+    fn reader(&self) -> std::sync::Arc<dyn DeviceReader> {
+        std::sync::Arc::new(self.state.clone())
+    }
     fn backend(&self) -> Backend {
         Backend::Userspace
     }

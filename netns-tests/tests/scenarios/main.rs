@@ -8,4 +8,5 @@ mod membership;
 mod resilience;
 mod restart;
 mod rotation;
+mod status;
 mod support;

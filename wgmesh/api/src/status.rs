@@ -29,6 +29,34 @@ pub struct AgentStatus {
     pub skipped_nodes: Vec<SkippedNode>,
     pub datapath: DatapathStatus,
     pub last_reconcile: Option<ReconcileStatus>,
+    /// The WireGuard device as the kernel (netlink) or the userspace device (UAPI) reports it,
+    /// read when `/status` is requested. `None` when the device cannot be read.
+    #[serde(default)]
+    pub device: Option<DeviceStatus>,
+}
+
+/// What `wg show <iface> dump` shows, in the same units.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct DeviceStatus {
+    pub public_key: Option<PublicKey>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<DevicePeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DevicePeerStatus {
+    /// The node publishing this key, if any.
+    pub node: Option<String>,
+    pub public_key: PublicKey,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the Unix epoch; `None` before the first handshake.
+    pub latest_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Seconds; 0 = off.
+    pub persistent_keepalive: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -49,6 +49,7 @@
 //! node's namespace (ifnames and ifindexes are resolved in the calling thread's namespace).
 
 mod attach;
+pub mod bench;
 mod bpffs;
 mod cidr;
 mod error;

@@ -112,7 +112,32 @@ fn state_from_host(host: &Host) -> DeviceState {
     }
 }
 
+/// Reads an existing kernel WireGuard interface (never creates one).
+#[derive(Debug, Clone)]
+pub struct KernelReader {
+    pub ifname: String,
+}
+
+impl super::DeviceReader for KernelReader {
+    fn read_state(&self) -> Result<DeviceState, Error> {
+        let err = |operation, e: &dyn std::fmt::Display| Error::Kernel {
+            ifname: self.ifname.clone(),
+            operation,
+            detail: e.to_string(),
+        };
+        let api = WGApi::<Kernel>::new(self.ifname.clone()).map_err(|e| err("open", &e))?;
+        let host = api.read_interface_data().map_err(|e| err("read", &e))?;
+        Ok(state_from_host(&host))
+    }
+}
+
 impl WgDevice for KernelDevice {
+    fn reader(&self) -> std::sync::Arc<dyn super::DeviceReader> {
+        std::sync::Arc::new(KernelReader {
+            ifname: self.ifname.clone(),
+        })
+    }
+
     fn backend(&self) -> Backend {
         Backend::Kernel
     }

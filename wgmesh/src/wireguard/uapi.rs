@@ -216,7 +216,17 @@ pub fn parse_get(ifname: &str, text: &str) -> Result<DeviceState, Error> {
     }
 }
 
+impl super::DeviceReader for UapiDevice {
+    fn read_state(&self) -> Result<DeviceState, Error> {
+        self.read()
+    }
+}
+
 impl WgDevice for UapiDevice {
+    fn reader(&self) -> std::sync::Arc<dyn super::DeviceReader> {
+        std::sync::Arc::new(self.clone())
+    }
+
     fn backend(&self) -> Backend {
         Backend::Userspace
     }

@@ -1,0 +1,115 @@
+//! What the agent reports is what the kernel (or the userspace device) has: its `/status` shows the
+//! same interface and peer data as `wg show <iface> dump`.
+
+use std::time::UNIX_EPOCH;
+
+use serde_json::Value;
+use wgmesh_netns_tests::prelude::*;
+
+use crate::support::{bed, converged};
+
+/// `wg show dump` reduced to comparable text rows, and the same rows from the agent's status.
+fn rows_from_dump(d: &WgDump) -> Vec<String> {
+    let mut rows: Vec<String> = d
+        .peers
+        .iter()
+        .map(|p| {
+            let mut ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+            ips.sort();
+            format!(
+                "{} {} {} hs={} rx={} tx={} ka={}",
+                p.public_key,
+                p.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                ips.join(","),
+                p.latest_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs()),
+                p.rx_bytes,
+                p.tx_bytes,
+                p.persistent_keepalive.unwrap_or(0)
+            )
+        })
+        .collect();
+    rows.sort();
+    rows.insert(
+        0,
+        format!(
+            "iface {} {}",
+            d.interface.public_key, d.interface.listen_port
+        ),
+    );
+    rows
+}
+
+fn rows_from_status(device: &Value) -> Vec<String> {
+    let mut rows: Vec<String> = device["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            let mut ips: Vec<String> = p["allowed_ips"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            ips.sort();
+            format!(
+                "{} {} {} hs={} rx={} tx={} ka={}",
+                p["public_key"].as_str().unwrap_or(""),
+                p["endpoint"].as_str().unwrap_or(""),
+                ips.join(","),
+                p["latest_handshake"].as_u64().unwrap_or(0),
+                p["rx_bytes"],
+                p["tx_bytes"],
+                p["persistent_keepalive"]
+            )
+        })
+        .collect();
+    rows.sort();
+    rows.insert(
+        0,
+        format!(
+            "iface {} {}",
+            device["public_key"].as_str().unwrap_or(""),
+            device["listen_port"]
+        ),
+    );
+    rows
+}
+
+/// Given a three-node mesh that has carried traffic,
+/// when the agent's `/status` is read between two identical `wg show <iface> dump`s,
+/// then it shows the same public key, listen port, peers, endpoints, allowed IPs, latest
+/// handshakes, transfer counters and keepalives as `wg show` (kernel or userspace backend alike).
+#[test]
+#[ignore = "needs root + netns: run `make test-netns`"]
+fn agent_status_matches_wg_show() -> TestResult {
+    let bed = bed("status")
+        .node("a", |n| n.pod("a1"))
+        .node("b", |n| n.pod("b1"))
+        .node("c", |n| n.pod("c1"))
+        .start()?;
+    converged(&bed)?;
+    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    for n in bed.nodes() {
+        bed.eventually(&format!("{}'s status matches wg show", n.name()), || {
+            let before = n.wg_show_dump()?;
+            let status = n.status()?;
+            let after = n.wg_show_dump()?;
+            ensure!(before == after, "the device changed while reading; again");
+            let want = rows_from_dump(&before);
+            let got = rows_from_status(&status["device"]);
+            ensure!(
+                want == got,
+                "wg show:\n  {}\nstatus:\n  {}",
+                want.join("\n  "),
+                got.join("\n  ")
+            );
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
