@@ -2,6 +2,7 @@
 //! API stand-in, userspace WireGuard, and proof on the wire or in the kernel. One test binary;
 //! every scenario is `#[ignore]`d for plain `cargo test` and run as root by `make test-netns`.
 
+mod backend;
 mod datapath;
 mod key_exchange;
 mod membership;

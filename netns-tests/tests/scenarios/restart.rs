@@ -60,9 +60,12 @@ fn restart_keeps_key_and_traffic(label: &str, signal: Signal) -> TestResult {
         summary.wireguard.initiation
     );
     summary.assert_no_plaintext()?;
-    let log = a.agent_log();
+    let adopted = match a.agent_spec().backend.as_str() {
+        "kernel" => "adopting the existing kernel wireguard interface",
+        _ => "adopting the running userspace wireguard device",
+    };
     ensure!(
-        log.contains("adopting the running userspace wireguard device"),
+        a.agent_log().contains(adopted),
         "the new agent did not adopt the device"
     );
     Ok(())

@@ -38,6 +38,10 @@ pub fn kernel_supports_wireguard() -> bool {
 impl KernelDevice {
     /// Creates the interface if it does not exist (EEXIST is fine) and returns a handle to it.
     pub fn ensure(ifname: &str) -> Result<Self, Error> {
+        // /sys/class/net shows the links of the caller's network namespace.
+        if Path::new("/sys/class/net").join(ifname).exists() {
+            tracing::info!(ifname, "adopting the existing kernel wireguard interface");
+        }
         let mut api = WGApi::<Kernel>::new(ifname.to_owned()).map_err(|e| Error::Kernel {
             ifname: ifname.to_owned(),
             operation: "open",
