@@ -3,6 +3,7 @@
 //! over the cross-platform UAPI socket. Callers compute a [`crate::mesh::PeerDiff`] and apply it here.
 
 pub mod device;
+pub mod genl;
 pub mod kernel;
 pub mod uapi;
 

@@ -187,9 +187,44 @@ impl WgDevice for KernelDevice {
     }
 
     fn update_peer(&mut self, peer: &PeerSpec) -> Result<(), Error> {
-        self.api
-            .configure_peer(&to_peer(peer))
-            .map_err(|e| self.err("update peer", e))
+        // In place, without WGPEER_F_REPLACE_ALLOWEDIPS: see `genl` for why and how.
+        let before = self.read()?;
+        let key = *peer.public_key.as_bytes();
+        super::genl::set_peers(
+            &self.ifname,
+            vec![super::genl::peer_without_replace(
+                key,
+                peer.endpoint,
+                peer.keepalive,
+                &peer.allowed_ips,
+            )],
+        )
+        .map_err(|e| self.err("update peer", e))?;
+        let stale: Vec<IpNet> = before
+            .peers
+            .get(&peer.public_key)
+            .map(|p| {
+                p.allowed_ips
+                    .iter()
+                    .filter(|n| !peer.allowed_ips.contains(n))
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let holder = *PrivateKey::generate()
+            .map_err(|e| self.err("update peer", e))?
+            .public_key()
+            .as_bytes();
+        super::genl::set_peers(
+            &self.ifname,
+            vec![super::genl::holding_peer(holder, &stale)],
+        )
+        .map_err(|e| self.err("move stale allowed IPs", e))?;
+        super::genl::set_peers(&self.ifname, vec![super::genl::removed_peer(holder)])
+            .map_err(|e| self.err("remove holding peer", e))
     }
 
     fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error> {
