@@ -3,7 +3,7 @@
 
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{bed, converged, published_key};
+use crate::support::{bed, converged, published_key, wgmeshctl_on};
 
 /// Given a two-node mesh with an established TCP stream a1 -> b1 and a 100 packet/s ping b1 -> a1,
 /// when node a is asked to rotate its key,
@@ -29,7 +29,17 @@ fn rotation_keeps_streams_and_reaches_every_peer() -> TestResult {
     let pings = b1.ping_flood(&a1, Duration::from_millis(10), Duration::from_secs(8));
     std::thread::sleep(Duration::from_secs(1));
 
-    api.patch_node_annotations("a", &[("v1.wgmesh.io/rotate-request", Some("2"))])?;
+    // The operator's command, run on another node, waits until the rotation is complete.
+    let b = bed.node("b");
+    let (code, out, err) = wgmeshctl_on(
+        &bed,
+        &b,
+        &["rotate", "--node", "a", "--wait", "--timeout", "90s"],
+    )?;
+    ensure!(
+        code == 0,
+        "wgmeshctl rotate --wait exited {code}:\n{err}\n{out}"
+    );
     bed.eventually("node a publishes generation 2", || {
         let ann = api.node_annotations("a")?;
         ensure!(

@@ -6,7 +6,7 @@ use std::time::UNIX_EPOCH;
 use serde_json::Value;
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{bed, converged};
+use crate::support::{bed, converged, parse_rfc3339, wgmeshctl_on};
 
 /// `wg show dump` reduced to comparable text rows, and the same rows from the agent's status.
 fn rows_from_dump(d: &WgDump) -> Vec<String> {
@@ -80,10 +80,55 @@ fn rows_from_status(device: &Value) -> Vec<String> {
     rows
 }
 
+fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
+    let mut rows: Vec<String> = doc["peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["verdict"] != "missing")
+        .map(|p| {
+            let mut ips: Vec<String> = p["allowed_ips"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect();
+            ips.sort();
+            format!(
+                "{} {} {} hs={} rx={} tx={} ka={}",
+                p["public_key"].as_str().unwrap_or(""),
+                p["endpoint"].as_str().unwrap_or(""),
+                ips.join(","),
+                p["latest_handshake"]
+                    .as_str()
+                    .and_then(parse_rfc3339)
+                    .unwrap_or(0),
+                p["rx_bytes"],
+                p["tx_bytes"],
+                p["keepalive_seconds"]
+            )
+        })
+        .collect();
+    rows.sort();
+    rows.insert(
+        0,
+        format!(
+            "iface {} {}",
+            doc["public_key"].as_str().unwrap_or(""),
+            doc["listen_port"]
+        ),
+    );
+    rows
+}
+
 /// Given a three-node mesh that has carried traffic,
-/// when the agent's `/status` is read between two identical `wg show <iface> dump`s,
-/// then it shows the same public key, listen port, peers, endpoints, allowed IPs, latest
-/// handshakes, transfer counters and keepalives as `wg show` (kernel or userspace backend alike).
+/// when the agent's `/status` and `wgmeshctl status` are read between two identical
+/// `wg show <iface> dump`s,
+/// then both show the same public key, listen port, peers, endpoints, allowed IPs, latest
+/// handshakes, transfer counters and keepalives as `wg show` (kernel or userspace backend alike),
+/// and `wgmeshctl status --check` calls every peer ok.
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn agent_status_matches_wg_show() -> TestResult {

@@ -66,3 +66,60 @@ pub fn published_key(bed: &Testbed, node: &str) -> Result<String> {
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("{node} has no public-key annotation"))
 }
+
+/// The `wgmeshctl` binary: `$WGMESHCTL_BIN`, or next to the probe (same cargo target dir).
+pub fn wgmeshctl() -> Result<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("WGMESHCTL_BIN") {
+        return Ok(p.into());
+    }
+    let p = std::path::Path::new(PROBE)
+        .parent()
+        .map(|d| d.join("wgmeshctl"))
+        .ok_or_else(|| anyhow::anyhow!("no directory for the probe"))?;
+    ensure!(
+        p.exists(),
+        "wgmeshctl not built ({}); run `cargo build --bins` or set WGMESHCTL_BIN",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Runs `wgmeshctl ARGS` inside `node`'s network namespace with the testbed's kubeconfig and the
+/// node's interface, bpffs and agent endpoint; returns (exit code, stdout, stderr).
+pub fn wgmeshctl_on(bed: &Testbed, node: &Node, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", node.ns()])
+        .arg(wgmeshctl()?)
+        .arg("--kubeconfig")
+        .arg(bed.dir().join("kubeconfig"))
+        .args(args)
+        .env("WGMESH_NODE_NAME", node.name())
+        .env("WGMESHCTL_INTERFACE", node.wg_interface())
+        .env("WGMESHCTL_BPFFS_DIR", node.bpffs_dir())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `2026-11-26T06:03:48Z` → seconds since the epoch.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let t: Vec<i64> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]).ok()
+}
