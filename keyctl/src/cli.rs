@@ -13,9 +13,10 @@ pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/wgmesh";
 /// How long `status` waits for the Kubernetes API before going on without it: long enough for a
 /// healthy API across a WAN, short enough for a probe or an operator in a hurry.
 pub const DEFAULT_API_TIMEOUT: &str = "5s";
-/// How long `rotate --wait` waits per node: as long as the agent gives its peers to confirm a new
-/// key before it reports the rotation `failed`.
-pub const DEFAULT_ROTATE_TIMEOUT: &str = "120s";
+/// How long `rotate --wait` waits per node: a little longer than the agent gives its peers to
+/// confirm a new key (120 s) before it reports the rotation `failed`, so the agent's verdict arrives
+/// first.
+pub const DEFAULT_ROTATE_TIMEOUT: &str = "150s";
 /// Name under which kubectl finds the binary as a plugin (`kubectl wgmesh ...`).
 pub const KUBECTL_PLUGIN_NAME: &str = "kubectl-wgmesh";
 

@@ -370,7 +370,10 @@ impl Pod {
 
 fn ping(cmd: &Cmd, dst: IpAddr, count: u32, interval: Duration) -> Result<PingReport> {
     let secs = format!("{:.3}", interval.as_secs_f64());
-    let deadline = (interval * count).as_secs() + 3;
+    // No `-w` deadline: on a slow machine ping falls behind its interval, and a deadline would cut
+    // off the last echo while its reply is in flight and count it as lost. `-c` ends the run once
+    // every echo got its reply or its 1 s `-W` wait.
+    let deadline = (interval * count).as_secs() * 3 + 15;
     let out = cmd
         .clone()
         .args([
@@ -382,11 +385,9 @@ fn ping(cmd: &Cmd, dst: IpAddr, count: u32, interval: Duration) -> Result<PingRe
             &secs,
             "-W",
             "1",
-            "-w",
-            &deadline.to_string(),
         ])
         .arg(dst.to_string())
-        .timeout(Duration::from_secs(deadline + 10))
+        .timeout(Duration::from_secs(deadline))
         .output()?;
     PingReport::parse(&out.stdout).with_context(|| format!("ping {dst}: {}", out.stderr.trim()))
 }
