@@ -263,6 +263,14 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
     Ok(TC_NEXT)
 }
 
+/// Does nothing and lets the next program run: the baseline `wgmesh-bench` measures the other
+/// programs against (`BPF_PROG_TEST_RUN` in the same run, so the test-run loop's own cost cancels).
+/// Never attached by the agent.
+#[classifier]
+pub fn wgmesh_noop(_ctx: TcContext) -> i32 {
+    TC_NEXT
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
