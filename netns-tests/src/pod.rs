@@ -376,16 +376,7 @@ fn ping(cmd: &Cmd, dst: IpAddr, count: u32, interval: Duration) -> Result<PingRe
     let deadline = (interval * count).as_secs() * 3 + 15;
     let out = cmd
         .clone()
-        .args([
-            "-n",
-            "-q",
-            "-c",
-            &count.to_string(),
-            "-i",
-            &secs,
-            "-W",
-            "1",
-        ])
+        .args(["-n", "-q", "-c", &count.to_string(), "-i", &secs, "-W", "1"])
         .arg(dst.to_string())
         .timeout(Duration::from_secs(deadline))
         .output()?;
