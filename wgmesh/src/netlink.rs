@@ -154,7 +154,9 @@ impl Netlink {
         match s.try_next().await {
             Ok(Some(m)) => Ok(Link::from_message(&m)),
             Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => {
+                Ok(None)
+            }
             Err(e) => Err(req(format!("get link {name}"))(e)),
         }
     }
@@ -256,7 +258,8 @@ impl Netlink {
             };
             match (r, v) {
                 (Ok(()), _) => {}
-                (Err(rtnetlink::Error::NetlinkError(e)), _) if e.raw_code() == -libc::EEXIST => {}
+                (Err(rtnetlink::Error::NetlinkError(e)), _)
+                    if e.raw_code().abs() == libc::EEXIST => {}
                 (Err(e), IpVersion::V6) => {
                     tracing::warn!(error = %e, "cannot add the IPv6 fwmark rule; IPv6 pod traffic will not be steered")
                 }
@@ -365,13 +368,14 @@ impl Netlink {
         let Some(link) = self.link(name).await? else {
             return Ok(false);
         };
-        self.handle
-            .link()
-            .del(link.index)
-            .execute()
-            .await
-            .map_err(req(format!("delete link {name}")))?;
-        Ok(true)
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            // Gone in between: a userspace device's TUN disappears when its process exits.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ENODEV => {
+                Ok(false)
+            }
+            Err(e) => Err(req(format!("delete link {name}"))(e)),
+        }
     }
 }
 
