@@ -41,46 +41,9 @@ fn rows_from_dump(d: &WgDump) -> Vec<String> {
     rows
 }
 
-fn rows_from_status(device: &Value) -> Vec<String> {
-    let mut rows: Vec<String> = device["peers"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|p| {
-            let mut ips: Vec<String> = p["allowed_ips"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect();
-            ips.sort();
-            format!(
-                "{} {} {} hs={} rx={} tx={} ka={}",
-                p["public_key"].as_str().unwrap_or(""),
-                p["endpoint"].as_str().unwrap_or(""),
-                ips.join(","),
-                p["latest_handshake"].as_u64().unwrap_or(0),
-                p["rx_bytes"],
-                p["tx_bytes"],
-                p["persistent_keepalive"]
-            )
-        })
-        .collect();
-    rows.sort();
-    rows.insert(
-        0,
-        format!(
-            "iface {} {}",
-            device["public_key"].as_str().unwrap_or(""),
-            device["listen_port"]
-        ),
-    );
-    rows
-}
-
-fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
+/// Rows from a JSON document (the agent's `/status` device section or `wgmeshctl status -o json`);
+/// `handshake` reads a peer's handshake time and `keepalive` names the keepalive field.
+fn rows_from_json(doc: &Value, handshake: impl Fn(&Value) -> u64, keepalive: &str) -> Vec<String> {
     let mut rows: Vec<String> = doc["peers"]
         .as_array()
         .cloned()
@@ -101,13 +64,10 @@ fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
                 p["public_key"].as_str().unwrap_or(""),
                 p["endpoint"].as_str().unwrap_or(""),
                 ips.join(","),
-                p["latest_handshake"]
-                    .as_str()
-                    .and_then(parse_rfc3339)
-                    .unwrap_or(0),
+                handshake(p),
                 p["rx_bytes"],
                 p["tx_bytes"],
-                p["keepalive_seconds"]
+                p[keepalive]
             )
         })
         .collect();
@@ -121,6 +81,27 @@ fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
         ),
     );
     rows
+}
+
+fn rows_from_status(device: &Value) -> Vec<String> {
+    rows_from_json(
+        device,
+        |p| p["latest_handshake"].as_u64().unwrap_or(0),
+        "persistent_keepalive",
+    )
+}
+
+fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
+    rows_from_json(
+        doc,
+        |p| {
+            p["latest_handshake"]
+                .as_str()
+                .and_then(parse_rfc3339)
+                .unwrap_or(0)
+        },
+        "keepalive_seconds",
+    )
 }
 
 /// Given a three-node mesh that has carried traffic,
