@@ -2410,7 +2410,7 @@ mod report {
                 f(&g["tcp4_system_busy_cores"], 2)
             );
             notes.push(format!(
-                "**Throughput vs wireguard-go** ({} × with 1 stream, {} × with 4): both are userspace devices, {} {} iperf3 at both ends, both nodes' device processes and the kernel's veth/bridge/TUN/UDP work share the cores (plain routing moves {} Mbit/s on them). Per GB received, wgmesh's two device processes used {} s of CPU and wireguard-go's {} s (ratio {dev_ratio:.2} with 4 streams, {} with 1): {} Whole-machine CPU per GB was {} s (wgmesh) vs {} s (wireguard-go), but that figure also counts whatever else ran on this shared VM during the test (the \"rest\" column above), so the per-process device figures are the cleaner comparison. 1.5× the throughput would need a device path costing at most 1/1.5 of wireguard-go's CPU per byte. wgmesh's device is boringtun (defguard fork, 2 worker threads), which moves one packet per TUN read/write and per UDP send/receive; the Debian wireguard-go ({}) predates wireguard-go's 2022–2023 batching and GSO/GRO work, so neither side batches. The gap is in the device, not in the agent (its CPU during the transfer is in the table above) or the eBPF programs: steer + guard cost {} µs per packet in section 1, against {} µs of device CPU per 1,420-byte packet here.",
+                "**Throughput vs wireguard-go** ({} × with 1 stream, {} × with 4): both are userspace devices, {} {} iperf3 at both ends, both nodes' device processes and the kernel's veth/bridge/TUN/UDP work share the cores (plain routing moves {} Mbit/s on them). A device's throughput is the CPU time it gets divided by its CPU per byte: during a 4-stream test wgmesh's two device processes ran {} core-seconds and wireguard-go's {} (of {} the machine had), and per GB received they used {} s and {} s (ratio {dev_ratio:.2} with 4 streams, {} with 1: {}). Whole-machine CPU per GB was {} s (wgmesh) vs {} s (wireguard-go); it also counts iperf3, the kernel and anything else that ran on this shared VM (see the table above), so the per-process device figures are the cleaner comparison. 1.5× the throughput at the same CPU share would need a device costing at most 1/1.5 of wireguard-go's CPU per byte. wgmesh's device is boringtun (defguard fork, 2 worker threads), which moves one packet per TUN read/write and per UDP send/receive; the Debian wireguard-go ({}) predates wireguard-go's 2022–2023 batching and GSO/GRO work, so neither side batches. The gap is in the device, not in the agent (its CPU during the transfer is in the table above) or the eBPF programs: steer + guard cost {} µs per packet in section 1, against {} µs of device CPU per 1,420-byte packet here.",
                 f(&w["tcp1"], 2),
                 f(&w["tcp4"], 2),
                 if saturated {
@@ -2420,15 +2420,18 @@ mod report {
                 },
                 busy,
                 f(&d["summary"]["plain"]["tcp4_mbit_per_s"], 0),
+                f(&m["tcp4_cpu_s"]["devices"], 1),
+                f(&g["tcp4_cpu_s"]["devices"], 1),
+                f(&json!(d["iperf_seconds"].as_f64().unwrap_or(0.0) * cpus as f64), 0),
                 f(&m["tcp4_device_cpu_s_per_gb"], 1),
                 f(&g["tcp4_device_cpu_s_per_gb"], 1),
                 f(&w["tcp1_device_cpu_per_gb"], 2),
                 if dev_ratio < 0.9 {
-                    "wgmesh's device spends less CPU per byte, but it also gets less CPU in total, so its own cost per byte is not what limits it here; on these shared cores it loses time to scheduling against the other CPU users and to queueing and drops at the TUN (see the retransmissions)."
+                    "wgmesh's device is the cheaper one per byte"
                 } else if dev_ratio > 1.1 {
-                    "wgmesh's device is the more expensive one per byte, and with the cores shared that is what caps its throughput."
+                    "wgmesh's device is the more expensive one per byte"
                 } else {
-                    "per byte the two devices cost about the same, so their throughput is about the same."
+                    "about the same cost per byte, so the difference is in how much CPU time each device gets and uses; with the cores not saturated, the rest is time the devices spend waiting: queueing between TUN and UDP in their workers, and TCP backing off after drops (retransmissions in the table above)"
                 },
                 f(&m["tcp4_system_cpu_s_per_gb"], 1),
                 f(&g["tcp4_system_cpu_s_per_gb"], 1),
