@@ -7,11 +7,9 @@
 
 use std::{
     collections::BTreeMap,
-    fmt,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use serde::Serialize;
 use wgmesh_api::{
     NodeRecord, PublicKey,
     annotations::{ANNOTATION_ROTATE_REQUEST, ANNOTATION_ROTATION_STATUS},
@@ -33,36 +31,8 @@ pub fn requested_generation(rec: &NodeRecord) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum State {
-    InProgress,
-    Complete,
-    Failed,
-}
-
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::InProgress => "in-progress",
-            Self::Complete => "complete",
-            Self::Failed => "failed",
-        })
-    }
-}
-
-/// The JSON published in `v1.wgmesh.io/rotation-status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Report {
-    pub generation: u64,
-    pub state: State,
-    pub started: String,
-    pub peers_total: usize,
-    pub peers_confirmed: usize,
-    pub pending: Vec<String>,
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub message: String,
-}
+/// The JSON published in `v1.wgmesh.io/rotation-status` (the type `wgmeshctl` reads it with).
+pub use wgmesh_api::rotation::{RotationState as State, RotationStatus as Report};
 
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -118,29 +88,29 @@ impl Progress {
         let confirmed = total - pending.len();
         let elapsed = now.duration_since(self.started).unwrap_or_default();
         let (state, message) = if pending.is_empty() {
-            (State::Complete, String::new())
+            (State::Complete, None)
         } else if elapsed > ROTATION_TIMEOUT {
             (
                 State::Failed,
-                format!(
+                Some(format!(
                     "{} of {total} peers completed no handshake with the new key within {} s",
                     pending.len(),
                     ROTATION_TIMEOUT.as_secs()
-                ),
+                )),
             )
         } else {
-            (State::InProgress, String::new())
+            (State::InProgress, None)
         };
         pending.truncate(PENDING_NAMES);
         Report {
             generation: self.generation,
             state,
-            started: crate::discovery::rfc3339(
+            started: Some(crate::discovery::rfc3339(
                 self.started
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
-            ),
+            )),
             peers_total: total,
             peers_confirmed: confirmed,
             pending,

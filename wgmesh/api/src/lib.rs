@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod key;
 pub mod node;
+pub mod rotation;
 pub mod status;
 
 pub use key::{KeyError, PublicKey};
