@@ -124,8 +124,13 @@ fn agent_status_matches_wg_show() -> TestResult {
         bed.eventually(&format!("{}'s status matches wg show", n.name()), || {
             let before = n.wg_show_dump()?;
             let status = n.status()?;
+            let (code, out, err) = wgmeshctl_on(&bed, &n, &["status", "-o", "json"])?;
             let after = n.wg_show_dump()?;
             ensure!(before == after, "the device changed while reading; again");
+            ensure!(code == 0, "wgmeshctl status exited {code}: {err}");
+            let ctl: Value = serde_json::from_str(&out).map_err(|e| {
+                anyhow::anyhow!("wgmeshctl status -o json is not JSON ({e}): {out}")
+            })?;
             let want = rows_from_dump(&before);
             let got = rows_from_status(&status["device"]);
             ensure!(
@@ -134,8 +139,26 @@ fn agent_status_matches_wg_show() -> TestResult {
                 want.join("\n  "),
                 got.join("\n  ")
             );
+            let got = rows_from_wgmeshctl(&ctl);
+            ensure!(
+                want == got,
+                "wg show:\n  {}\nwgmeshctl status:\n  {}",
+                want.join("\n  "),
+                got.join("\n  ")
+            );
+            ensure!(
+                ctl["device_source"] == "direct" && ctl["agent"]["ready"] == true,
+                "wgmeshctl read the device itself and reached the agent: {}",
+                serde_json::to_string(&ctl["agent"]).unwrap_or_default()
+            );
             Ok(())
         })?;
+        let (code, out, err) = wgmeshctl_on(&bed, &n, &["status", "--check"])?;
+        ensure!(
+            code == 0,
+            "wgmeshctl status --check on {} exited {code}:\n{out}{err}",
+            n.name()
+        );
     }
     Ok(())
 }
