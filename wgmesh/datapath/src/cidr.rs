@@ -1,4 +1,5 @@
-//! Pod CIDRs as LPM trie keys, and the diff between what a trie holds and what it should hold.
+//! Pod CIDRs as LPM trie keys and as hash-index keys, the prefix-length record of a hash index,
+//! and the diff between what a map holds and what it should hold.
 //!
 //! Pure: no maps, no syscalls. The map side is in `maps.rs`.
 
@@ -10,7 +11,7 @@ use std::{
 
 use aya::{Pod, maps::lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use wgmesh_ebpf_common::{Ipv4Key, Ipv6Key};
+use wgmesh_ebpf_common::{Ipv4Key, Ipv6Key, PrefixKeyV4, PrefixKeyV6, prefix_lens};
 
 /// One address family's view of a CIDR and of its LPM key.
 pub(crate) trait Family {
@@ -18,12 +19,21 @@ pub(crate) trait Family {
     type Net: Ord + Copy + Display;
     /// The address part of the trie key.
     type Addr: Pod;
+    /// The key of the hash index.
+    type HashKey: Pod;
 
     /// The trie key of a normalized CIDR.
     fn key(net: &Self::Net) -> Key<Self::Addr>;
     /// The CIDR a trie key stands for; `None` if the prefix length is out of range (the kernel
     /// never stores such keys).
     fn net(key: &Key<Self::Addr>) -> Option<Self::Net>;
+    /// The hash-index key of a normalized CIDR.
+    fn hash_key(net: &Self::Net) -> Self::HashKey;
+    /// The CIDR a hash-index key stands for; `None` if the prefix length is out of range or host
+    /// bits are set (the programs would never find such a key).
+    fn hash_net(key: &Self::HashKey) -> Option<Self::Net>;
+    /// The prefix length of a CIDR.
+    fn prefix_len(net: &Self::Net) -> u8;
 }
 
 pub(crate) struct V4;
@@ -32,6 +42,7 @@ pub(crate) struct V6;
 impl Family for V4 {
     type Net = Ipv4Net;
     type Addr = Ipv4Key;
+    type HashKey = PrefixKeyV4;
 
     fn key(net: &Ipv4Net) -> Key<Ipv4Key> {
         Key::new(u32::from(net.prefix_len()), net.network().octets())
@@ -43,11 +54,29 @@ impl Family for V4 {
             .ok()
             .map(|net| net.trunc())
     }
+
+    fn hash_key(net: &Ipv4Net) -> PrefixKeyV4 {
+        PrefixKeyV4 {
+            prefix_len: u32::from(net.prefix_len()),
+            addr: net.network().octets(),
+        }
+    }
+
+    fn hash_net(key: &PrefixKeyV4) -> Option<Ipv4Net> {
+        let prefix_len = u8::try_from(key.prefix_len).ok()?;
+        let net = Ipv4Net::new(Ipv4Addr::from(key.addr), prefix_len).ok()?;
+        (net.trunc() == net).then_some(net)
+    }
+
+    fn prefix_len(net: &Ipv4Net) -> u8 {
+        net.prefix_len()
+    }
 }
 
 impl Family for V6 {
     type Net = Ipv6Net;
     type Addr = Ipv6Key;
+    type HashKey = PrefixKeyV6;
 
     fn key(net: &Ipv6Net) -> Key<Ipv6Key> {
         Key::new(u32::from(net.prefix_len()), net.network().octets())
@@ -58,6 +87,23 @@ impl Family for V6 {
         Ipv6Net::new(Ipv6Addr::from(key.data()), prefix_len)
             .ok()
             .map(|net| net.trunc())
+    }
+
+    fn hash_key(net: &Ipv6Net) -> PrefixKeyV6 {
+        PrefixKeyV6 {
+            prefix_len: u32::from(net.prefix_len()),
+            addr: net.network().octets(),
+        }
+    }
+
+    fn hash_net(key: &PrefixKeyV6) -> Option<Ipv6Net> {
+        let prefix_len = u8::try_from(key.prefix_len).ok()?;
+        let net = Ipv6Net::new(Ipv6Addr::from(key.addr), prefix_len).ok()?;
+        (net.trunc() == net).then_some(net)
+    }
+
+    fn prefix_len(net: &Ipv6Net) -> u8 {
+        net.prefix_len()
     }
 }
 
@@ -73,6 +119,35 @@ pub(crate) fn split_normalized(cidrs: &BTreeSet<IpNet>) -> (BTreeSet<Ipv4Net>, B
         };
     }
     (v4, v6)
+}
+
+/// The `PREFIX_LENS` record for a hash index holding CIDRs of these prefix lengths: hashed mode
+/// with the distinct lengths longest first, or trie mode when there are more than
+/// [`prefix_lens::MAX_HASHED`] of them (see `wgmesh_ebpf_common::prefix_lens`).
+pub(crate) fn lens_record(prefix_lens: impl IntoIterator<Item = u8>) -> u64 {
+    let distinct: BTreeSet<u8> = prefix_lens.into_iter().collect();
+    if distinct.len() > prefix_lens::MAX_HASHED {
+        return prefix_lens::MODE_TRIE;
+    }
+    distinct.iter().rev().enumerate().fold(
+        prefix_lens::MODE_HASHED << prefix_lens::MODE_SHIFT,
+        |record, (slot, len)| record | (u64::from(*len) + 1) << (slot * 8),
+    )
+}
+
+/// How the programs read a `PREFIX_LENS` record: `None` for trie mode, else the prefix lengths to
+/// probe, in order (the inverse of [`lens_record`]; the eBPF side does the same byte by byte).
+pub(crate) fn decode_lens_record(record: u64) -> Option<Vec<u8>> {
+    if record >> prefix_lens::MODE_SHIFT != prefix_lens::MODE_HASHED {
+        return None;
+    }
+    Some(
+        (0..prefix_lens::SLOTS)
+            .map(|slot| ((record >> (slot * 8)) & 0xff) as u8)
+            .take_while(|entry| *entry != 0)
+            .map(|entry| entry - 1)
+            .collect(),
+    )
 }
 
 /// The writes that turn `current` into `desired`.
