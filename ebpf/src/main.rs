@@ -23,6 +23,12 @@
 //! even skips every legacy `tc filter` on the device. The only verdicts that end the chain are the
 //! guard's redirect and its strict-mode drop.
 //!
+//! Cost per packet (see `bench/RESULTS.md`): headers are read straight from the packet when they
+//! are in the linear area (else through `bpf_skb_load_bytes`), a CIDR set is probed in its hash
+//! index once per prefix length in use (usually one), so the cost does not grow with the number
+//! of CIDRs (the LPM trie is the fallback for sets with many lengths), and all counters of a
+//! packet are one per-CPU lookup.
+//!
 //! Only untagged Ethernet frames are parsed (pod veths and uplinks carry no VLAN tags here); every
 //! other frame is counted and left alone. These programs must never drop outside strict mode (the
 //! kernel dropping a packet redirected to a tunnel device that has since vanished is the one

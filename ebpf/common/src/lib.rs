@@ -5,11 +5,18 @@
 //! eBPF programs can use it; the `user` feature adds the `aya::Pod` impls the agent needs.
 //!
 //! Every map is pinned by name and re-used across agent restarts and upgrades, so the *shape* of a
-//! map (type, key size, value size, max entries) is an ABI: changing any of it here requires the
-//! agent to refuse the old pin (it does, naming `wgmesh-agent cleanup` as the fix). To let the
-//! programs grow without such a break, `COUNTERS` has spare slots (and `Config`'s former reserved
-//! word now holds `tunnel_ifindex`). Adding a *new* map is not a break: a missing pin is created on
-//! load, next to the re-used ones.
+//! map (type, key size, value size, max entries) is an ABI. Two kinds of maps:
+//! * **state** (the CIDR tries, `CONFIG`, `COUNTERS`, `STATS`): changing its shape here requires
+//!   the agent to refuse the old pin (it does, naming `wgmesh-agent cleanup` as the fix), since
+//!   its contents cannot be re-derived. To let the programs grow without such a break, the
+//!   counter records have spare slots (and `Config`'s former reserved word now holds
+//!   `tunnel_ifindex`).
+//! * **derived** ([`DERIVED_MAP_NAMES`]: the hash indexes and `PREFIX_LENS`): the agent rebuilds
+//!   them from the tries at every load, before anything is attached, and replaces a pin of
+//!   another shape instead of refusing it.
+//!
+//! Adding a *new* map is not a break: a missing pin is created on load, next to the re-used ones
+//! (that is how pins of the layout before the hash indexes are upgraded).
 //!
 //! It must not contain logic: no parsing, no I/O, nothing that needs `std`.
 #![no_std]
@@ -36,7 +43,8 @@ pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
 pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
 /// Array with one [`Config`] at index [`CONFIG_INDEX`].
 pub const MAP_CONFIG: &str = "CONFIG";
-/// Per-CPU array of `u64` packet/byte counters, indexed by the constants in [`counter`].
+/// Per-CPU array of `u64` packet/byte counters, indexed by the constants in [`counter`]: what
+/// builds before [`MAP_STATS`] counted. No longer written; readers add it to `STATS`.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
 /// Hash `PrefixKeyV4 -> u32`: the `REMOTE_V4` CIDRs keyed by (prefix length, network), the index
