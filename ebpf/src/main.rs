@@ -23,6 +23,12 @@
 //! even skips every legacy `tc filter` on the device. The only verdicts that end the chain are the
 //! guard's redirect and its strict-mode drop.
 //!
+//! Cost per packet (see `bench/RESULTS.md`): headers are read straight from the packet when they
+//! are in the linear area (else through `bpf_skb_load_bytes`), a CIDR set is probed in its hash
+//! index once per prefix length in use (usually one), so the cost does not grow with the number
+//! of CIDRs (the LPM trie is the fallback for sets with many lengths), and all counters of a
+//! packet are one per-CPU lookup.
+//!
 //! Only untagged Ethernet frames are parsed (pod veths and uplinks carry no VLAN tags here); every
 //! other frame is counted and left alone. These programs must never drop outside strict mode (the
 //! kernel dropping a packet redirected to a tunnel device that has since vanished is the one
@@ -34,12 +40,13 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_redirect,
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use wgmesh_ebpf_common::{
     CLUSTER_MAX_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, COUNTER_SLOTS, CidrValue, Config, Ipv4Key,
-    Ipv6Key, LOCAL_MAX_ENTRIES, REMOTE_MAX_ENTRIES, counter,
+    Ipv6Key, LOCAL_MAX_ENTRIES, PrefixKeyV4, PrefixKeyV6, REMOTE_MAX_ENTRIES, STATS_INDEX, Stats,
+    counter, prefix_lens,
 };
 
 /// Pass the packet on and let the next TC program/filter on the hook run.
@@ -65,9 +72,12 @@ const IPV6_SRC_OFFSET: usize = ETH_HLEN + 8;
 const IPV6_DST_OFFSET: usize = ETH_HLEN + 24;
 /// `bpf_redirect` flags: 0 = egress of the target device.
 const REDIRECT_EGRESS: u64 = 0;
+/// Hash maps allocate entries on insert, like the tries: unused capacity costs no memory.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Pod CIDRs of other nodes we have a WireGuard peer for (IPv4). Written by the agent, pinned so
-/// it survives restarts.
+/// it survives restarts. The source of truth the hash index is derived from, and the lookup used
+/// when the set has more prefix lengths than the index serves (see `prefix_lens`).
 #[map]
 static REMOTE_V4: LpmTrie<Ipv4Key, CidrValue> = LpmTrie::pinned(REMOTE_MAX_ENTRIES, 0);
 /// Pod CIDRs of other nodes we have a WireGuard peer for (IPv6).
@@ -85,15 +95,177 @@ static LOCAL_V4: LpmTrie<Ipv4Key, CidrValue> = LpmTrie::pinned(LOCAL_MAX_ENTRIES
 /// This node's pod CIDRs (IPv6).
 #[map]
 static LOCAL_V6: LpmTrie<Ipv6Key, CidrValue> = LpmTrie::pinned(LOCAL_MAX_ENTRIES, 0);
+/// The same CIDRs keyed by (prefix length, network): one probe per prefix length in use.
+#[map]
+static REMOTE_V4_HASH: HashMap<PrefixKeyV4, CidrValue> =
+    HashMap::pinned(REMOTE_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static REMOTE_V6_HASH: HashMap<PrefixKeyV6, CidrValue> =
+    HashMap::pinned(REMOTE_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static CLUSTER_V4_HASH: HashMap<PrefixKeyV4, CidrValue> =
+    HashMap::pinned(CLUSTER_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static CLUSTER_V6_HASH: HashMap<PrefixKeyV6, CidrValue> =
+    HashMap::pinned(CLUSTER_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static LOCAL_V4_HASH: HashMap<PrefixKeyV4, CidrValue> =
+    HashMap::pinned(LOCAL_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static LOCAL_V6_HASH: HashMap<PrefixKeyV6, CidrValue> =
+    HashMap::pinned(LOCAL_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+/// Per CIDR set, the prefix lengths its hash holds or "use the trie" (`prefix_lens`).
+#[map]
+static PREFIX_LENS: Array<u64> = Array::pinned(prefix_lens::SETS, prefix_lens::MAP_FLAGS);
 /// `CONFIG[CONFIG_INDEX]`: fwmark/fwmask/strict/tunnel_ifindex, written by the agent before it
 /// attaches (and `tunnel_ifindex` again whenever the WireGuard device is re-created).
 #[map]
 static CONFIG: Array<Config> = Array::pinned(CONFIG_ENTRIES, 0);
-/// Per-CPU counters (no atomic read-modify-write exists on the BPF target).
+/// Per-CPU counters of earlier builds, one map entry per counter. Not written any more (a packet
+/// would cost a lookup per counter); kept so that the totals they hold still count.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_SLOTS, 0);
+/// Per-CPU counters, all in one record: one lookup per packet.
+#[map]
+static STATS: PerCpuArray<Stats> = PerCpuArray::pinned(1, 0);
 
-/// The destination of a parsed frame (both programs decide on the destination alone).
+/// One CIDR set as the programs see it: the hash index, its prefix-length record, and the trie.
+struct CidrSet<K: 'static, A: 'static> {
+    hash: &'static HashMap<K, CidrValue>,
+    trie: &'static LpmTrie<A, CidrValue>,
+    lens: u32,
+}
+
+const REMOTE4: CidrSet<PrefixKeyV4, Ipv4Key> = CidrSet {
+    hash: &REMOTE_V4_HASH,
+    trie: &REMOTE_V4,
+    lens: prefix_lens::REMOTE_V4,
+};
+const REMOTE6: CidrSet<PrefixKeyV6, Ipv6Key> = CidrSet {
+    hash: &REMOTE_V6_HASH,
+    trie: &REMOTE_V6,
+    lens: prefix_lens::REMOTE_V6,
+};
+const CLUSTER4: CidrSet<PrefixKeyV4, Ipv4Key> = CidrSet {
+    hash: &CLUSTER_V4_HASH,
+    trie: &CLUSTER_V4,
+    lens: prefix_lens::CLUSTER_V4,
+};
+const CLUSTER6: CidrSet<PrefixKeyV6, Ipv6Key> = CidrSet {
+    hash: &CLUSTER_V6_HASH,
+    trie: &CLUSTER_V6,
+    lens: prefix_lens::CLUSTER_V6,
+};
+const LOCAL4: CidrSet<PrefixKeyV4, Ipv4Key> = CidrSet {
+    hash: &LOCAL_V4_HASH,
+    trie: &LOCAL_V4,
+    lens: prefix_lens::LOCAL_V4,
+};
+const LOCAL6: CidrSet<PrefixKeyV6, Ipv6Key> = CidrSet {
+    hash: &LOCAL_V6_HASH,
+    trie: &LOCAL_V6,
+    lens: prefix_lens::LOCAL_V6,
+};
+
+/// The prefix-length record of a set, read with one 8-byte load (the agent stores it atomically),
+/// or `None` when the set must be looked up in its trie.
+#[inline(always)]
+fn hashed_lens(index: u32) -> Option<u64> {
+    let record = PREFIX_LENS.get_ptr(index)?;
+    // SAFETY: the pointer comes from a successful array lookup and points at an aligned u64 that
+    // lives as long as the map; a volatile read makes it exactly one load, so it sees either the
+    // old or the new record, never a mix.
+    let record = unsafe { core::ptr::read_volatile(record) };
+    (record >> prefix_lens::MODE_SHIFT == prefix_lens::MODE_HASHED).then_some(record)
+}
+
+/// `addr` with the bits past `len` cleared; `None` for a length past 32 (a corrupt record).
+#[inline(always)]
+fn mask_v4(addr: u32, len: u32) -> Option<u32> {
+    match len {
+        0 => Some(0),
+        1..=32 => Some(addr & (u32::MAX << (32 - len))),
+        _ => None,
+    }
+}
+
+/// A 64-bit half of an IPv6 address with the bits past `len` (0..=64) of that half cleared.
+#[inline(always)]
+fn mask_half(half: u64, len: u32) -> u64 {
+    match len {
+        0 => 0,
+        1..=63 => half & (u64::MAX << (64 - len)),
+        _ => half,
+    }
+}
+
+/// Whether an IPv4 address is in a set: longest prefix first through the hash, or the trie.
+#[inline(always)]
+fn contains_v4(set: &CidrSet<PrefixKeyV4, Ipv4Key>, addr: Ipv4Key) -> bool {
+    let Some(record) = hashed_lens(set.lens) else {
+        return set.trie.get(Key::new(32, addr)).is_some();
+    };
+    let host = u32::from_be_bytes(addr);
+    for slot in 0..prefix_lens::SLOTS {
+        let entry = ((record >> (slot * 8)) & 0xff) as u32;
+        if entry == 0 {
+            return false;
+        }
+        let len = entry - 1;
+        let Some(network) = mask_v4(host, len) else {
+            return set.trie.get(Key::new(32, addr)).is_some();
+        };
+        let key = PrefixKeyV4 {
+            prefix_len: len,
+            addr: network.to_be_bytes(),
+        };
+        if set.hash.get_ptr(&key).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether an IPv6 address is in a set, like [`contains_v4`].
+#[inline(always)]
+fn contains_v6(set: &CidrSet<PrefixKeyV6, Ipv6Key>, addr: Ipv6Key) -> bool {
+    let Some(record) = hashed_lens(set.lens) else {
+        return set.trie.get(Key::new(128, addr)).is_some();
+    };
+    let mut high = [0u8; 8];
+    let mut low = [0u8; 8];
+    high.copy_from_slice(&addr[..8]);
+    low.copy_from_slice(&addr[8..]);
+    let (high, low) = (u64::from_be_bytes(high), u64::from_be_bytes(low));
+    for slot in 0..prefix_lens::SLOTS {
+        let entry = ((record >> (slot * 8)) & 0xff) as u32;
+        if entry == 0 {
+            return false;
+        }
+        let len = entry - 1;
+        if len > 128 {
+            return set.trie.get(Key::new(128, addr)).is_some();
+        }
+        let (h, l) = if len <= 64 {
+            (mask_half(high, len), 0)
+        } else {
+            (high, mask_half(low, len - 64))
+        };
+        let mut network = [0u8; 16];
+        network[..8].copy_from_slice(&h.to_be_bytes());
+        network[8..].copy_from_slice(&l.to_be_bytes());
+        let key = PrefixKeyV6 {
+            prefix_len: len,
+            addr: network,
+        };
+        if set.hash.get_ptr(&key).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// The addresses of a parsed frame.
 enum Packet {
     V4 { src: Ipv4Key, dst: Ipv4Key },
     V6 { src: Ipv6Key, dst: Ipv6Key },
@@ -103,8 +275,47 @@ enum Packet {
 /// A frame shorter than the header its EtherType announces.
 struct Malformed;
 
+/// Reads the addresses straight from the packet when its headers are in the linear area (pod
+/// veths and uplinks deliver them there); otherwise, or for a frame that is simply too short,
+/// through `bpf_skb_load_bytes` ([`parse_slow`]), which reads non-linear data too and reports
+/// truncation. So every frame gets the same verdict either way.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Result<Packet, Malformed> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    if data + ETH_HLEN > end {
+        return parse_slow(ctx);
+    }
+    // SAFETY (all reads below): each range was checked to lie inside [data, data_end), the
+    // packet bytes the kernel lets the program read directly; byte arrays have no alignment.
+    let ethertype = u16::from_be_bytes(unsafe { *((data + ETH_TYPE_OFFSET) as *const [u8; 2]) });
+    match ethertype {
+        ETH_P_IP => {
+            if data + IPV4_DST_OFFSET + 4 > end {
+                return parse_slow(ctx);
+            }
+            Ok(Packet::V4 {
+                src: unsafe { *((data + IPV4_SRC_OFFSET) as *const Ipv4Key) },
+                dst: unsafe { *((data + IPV4_DST_OFFSET) as *const Ipv4Key) },
+            })
+        }
+        ETH_P_IPV6 => {
+            if data + IPV6_DST_OFFSET + 16 > end {
+                return parse_slow(ctx);
+            }
+            Ok(Packet::V6 {
+                src: unsafe { *((data + IPV6_SRC_OFFSET) as *const Ipv6Key) },
+                dst: unsafe { *((data + IPV6_DST_OFFSET) as *const Ipv6Key) },
+            })
+        }
+        _ => Ok(Packet::NonIp),
+    }
+}
+
+/// [`parse`] through `bpf_skb_load_bytes`: for headers outside the linear area, and to tell a
+/// truncated frame (malformed) from one that is merely not linear.
+#[inline(never)]
+fn parse_slow(ctx: &TcContext) -> Result<Packet, Malformed> {
     let ethertype = u16::from_be(ctx.load::<u16>(ETH_TYPE_OFFSET).map_err(|_| Malformed)?);
     match ethertype {
         ETH_P_IP => Ok(Packet::V4 {
@@ -119,24 +330,25 @@ fn parse(ctx: &TcContext) -> Result<Packet, Malformed> {
     }
 }
 
+/// Adds 1 to counter `slot` and `bytes` to counter `bytes_slot` (if any): the packet's only
+/// counter update, one per-CPU lookup.
 #[inline(always)]
-fn bump(slot: u32, by: u64) {
-    if let Some(value) = COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: the pointer comes from a successful per-CPU array lookup, so it points at this
-        // CPU's u64 for `slot`; BPF programs do not migrate between CPUs while running, so no other
-        // writer touches this CPU's copy concurrently.
-        unsafe { *value += by }
+fn count(slot: u32, bytes: Option<(u32, u64)>) {
+    let Some(stats) = STATS.get_ptr_mut(STATS_INDEX) else {
+        return;
+    };
+    // SAFETY: the pointer comes from a successful per-CPU array lookup, so it points at this
+    // CPU's record; BPF programs do not migrate between CPUs while running, so no other writer
+    // touches this CPU's copy concurrently.
+    let slots = unsafe { &mut (*stats).slots };
+    if let Some(counter) = slots.get_mut(slot as usize) {
+        *counter += 1;
     }
-}
-
-#[inline(always)]
-fn host_key_v4(addr: Ipv4Key) -> Key<Ipv4Key> {
-    Key::new(32, addr)
-}
-
-#[inline(always)]
-fn host_key_v6(addr: Ipv6Key) -> Key<Ipv6Key> {
-    Key::new(128, addr)
+    if let Some((bytes_slot, by)) = bytes
+        && let Some(counter) = slots.get_mut(bytes_slot as usize)
+    {
+        *counter += by;
+    }
 }
 
 /// Sets the wgmesh bits of `skb->mark`, keeping every bit outside `fwmask` (kube-proxy's 0x4000,
@@ -167,30 +379,32 @@ pub fn wgmesh_steer(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_steer(ctx: &TcContext) -> Result<i32, i32> {
     let packet = parse(ctx).map_err(|Malformed| {
-        bump(counter::MALFORMED, 1);
+        count(counter::MALFORMED, None);
         ON_MALFORMED
     })?;
     let (remote, local) = match packet {
         Packet::V4 { dst, .. } => {
-            let remote = REMOTE_V4.get(host_key_v4(dst)).is_some();
-            (remote, !remote && LOCAL_V4.get(host_key_v4(dst)).is_some())
+            let remote = contains_v4(&REMOTE4, dst);
+            (remote, !remote && contains_v4(&LOCAL4, dst))
         }
         Packet::V6 { dst, .. } => {
-            let remote = REMOTE_V6.get(host_key_v6(dst)).is_some();
-            (remote, !remote && LOCAL_V6.get(host_key_v6(dst)).is_some())
+            let remote = contains_v6(&REMOTE6, dst);
+            (remote, !remote && contains_v6(&LOCAL6, dst))
         }
         Packet::NonIp => {
-            bump(counter::NON_IP, 1);
+            count(counter::NON_IP, None);
             return Ok(TC_NEXT);
         }
     };
     if remote && set_steer_mark(ctx) {
-        bump(counter::STEERED_PACKETS, 1);
-        bump(counter::STEERED_BYTES, u64::from(ctx.len()));
+        count(
+            counter::STEERED_PACKETS,
+            Some((counter::STEERED_BYTES, u64::from(ctx.len()))),
+        );
     } else if local {
-        bump(counter::LOCAL, 1);
+        count(counter::LOCAL, None);
     } else {
-        bump(counter::PASSED, 1);
+        count(counter::PASSED, None);
     }
     Ok(TC_NEXT)
 }
@@ -208,7 +422,7 @@ pub fn wgmesh_guard(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
     let packet = parse(ctx).map_err(|Malformed| {
-        bump(counter::MALFORMED, 1);
+        count(counter::MALFORMED, None);
         ON_MALFORMED
     })?;
     // A peered node's pod CIDR is by definition a cluster pod CIDR: it counts as one even if the
@@ -218,27 +432,19 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
     // address would not come back through the tunnel. Node-originated plaintext is counted.
     let (remote, cluster, from_pod) = match packet {
         Packet::V4 { src, dst } => {
-            let remote = REMOTE_V4.get(host_key_v4(dst)).is_some();
-            let cluster = remote || CLUSTER_V4.get(host_key_v4(dst)).is_some();
-            (
-                remote,
-                cluster,
-                cluster && LOCAL_V4.get(host_key_v4(src)).is_some(),
-            )
+            let remote = contains_v4(&REMOTE4, dst);
+            let cluster = remote || contains_v4(&CLUSTER4, dst);
+            (remote, cluster, cluster && contains_v4(&LOCAL4, src))
         }
         Packet::V6 { src, dst } => {
-            let remote = REMOTE_V6.get(host_key_v6(dst)).is_some();
-            let cluster = remote || CLUSTER_V6.get(host_key_v6(dst)).is_some();
-            (
-                remote,
-                cluster,
-                cluster && LOCAL_V6.get(host_key_v6(src)).is_some(),
-            )
+            let remote = contains_v6(&REMOTE6, dst);
+            let cluster = remote || contains_v6(&CLUSTER6, dst);
+            (remote, cluster, cluster && contains_v6(&LOCAL6, src))
         }
         Packet::NonIp => (false, false, false),
     };
     if !cluster {
-        bump(counter::UPLINK_PASSED, 1);
+        count(counter::UPLINK_PASSED, None);
         return Ok(TC_NEXT);
     }
     let config = CONFIG.get(CONFIG_INDEX);
@@ -247,7 +453,7 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
         && let Some(ifindex) = config.map(|config| config.tunnel_ifindex)
         && ifindex != 0
     {
-        bump(counter::RESCUED, 1);
+        count(counter::RESCUED, None);
         // SAFETY: a plain helper call; it only records the target in per-CPU redirect state
         // and returns TC_ACT_REDIRECT (TC_ACT_SHOT for invalid flags, which 0 is not). An
         // ifindex with no device behind it makes the kernel drop the packet: fail closed.
@@ -255,11 +461,11 @@ fn try_guard(ctx: &TcContext) -> Result<i32, i32> {
         // TC_ACT_REDIRECT (7) or TC_ACT_SHOT (2): always fits.
         return Ok(verdict as i32);
     }
-    bump(counter::LEAKED, 1);
     if config.is_some_and(|config| config.strict != 0) {
-        bump(counter::DROPPED_STRICT, 1);
+        count(counter::LEAKED, Some((counter::DROPPED_STRICT, 1)));
         return Ok(TC_DROP);
     }
+    count(counter::LEAKED, None);
     Ok(TC_NEXT)
 }
 

@@ -33,6 +33,12 @@ const REMOTE_PREFIX: u8 = 29;
 const LOCAL_CIDR: &str = "198.18.1.0/24";
 /// UDP payload of every frame: a small packet, where per-packet costs dominate.
 const PAYLOAD: usize = 64;
+/// Mixed-length layouts: the same number of remote CIDRs split evenly over these prefix lengths,
+/// each length carved out of its own /12 of 10.0.0.0/8. The destination is in a CIDR of the
+/// *shortest* length, which the hash index probes last (its worst hit).
+/// `2len`: two lengths, served by the hash (two probes for that destination). `fallback`: one
+/// length more than the hash index serves, so the programs walk the trie.
+const MIXED: [(&str, &[u8]); 2] = [("2len", &[29, 28]), ("fallback", &[29, 28, 27, 26, 25])];
 
 struct Args {
     cidrs: Vec<usize>,
@@ -84,6 +90,48 @@ struct Case {
     frame: Vec<u8>,
     /// The counter that must grow by `repeat` (None for the empty program).
     counter: Option<CounterRef>,
+}
+
+/// The cases of a mixed-length layout, named `<case>_<layout>`.
+fn mixed_cases(layout: &'static str, remote_dst: Ipv4Addr, local: Ipv4Net) -> Vec<Case> {
+    let what = |case: &str| -> &'static str {
+        Box::leak(
+            format!(
+                "{case}; remote CIDRs of {} lengths ({layout}: {})",
+                MIXED
+                    .iter()
+                    .find(|(name, _)| *name == layout)
+                    .map_or(0, |(_, lens)| lens.len()),
+                if layout == "fallback" {
+                    "past the hash bound, LPM trie"
+                } else {
+                    "hash, destination in the shortest"
+                }
+            )
+            .into_boxed_str(),
+        )
+    };
+    let name = |case: &str| -> &'static str { Box::leak(format!("{case}_{layout}").into_boxed_str()) };
+    cases(remote_dst, local)
+        .into_iter()
+        .filter(|case| matches!(case.name, "steer_remote" | "steer_other" | "guard_rescue"))
+        .map(|case| Case {
+            name: name(case.name),
+            what: what(case.what),
+            ..case
+        })
+        .collect()
+}
+
+/// `count` CIDRs spread evenly over `lens`, each length out of its own /12 of 10.0.0.0/8.
+fn mixed_set(lens: &[u8], count: usize) -> Option<Vec<Ipv4Net>> {
+    let mut out = Vec::with_capacity(count);
+    for (i, len) in lens.iter().enumerate() {
+        let share = count / lens.len() + usize::from(i < count % lens.len());
+        let within = Ipv4Net::new(Ipv4Addr::new(10, (i as u8) * 16, 0, 0), 12).ok()?;
+        out.extend(bench::carve_v4(within, *len, share)?);
+    }
+    Some(out)
 }
 
 fn cases(remote_dst: Ipv4Addr, local: Ipv4Net) -> Vec<Case> {
@@ -190,32 +238,19 @@ fn run(args: &Args) -> Result<Value, String> {
             dp.sync_cluster_cidrs(&set).map_err(|e| chain(&e))?;
             // A destination in the middle of the set: neither the first nor the last insert.
             let dst = bench::host_in(all[n / 2], 2);
-            for case in cases(dst, local) {
-                let before = dp.counters().map_err(|e| chain(&e))?;
-                let r = dp
-                    .test_run(case.program, &case.frame, args.repeat)
-                    .map_err(|e| chain(&e))?;
-                let after = dp.counters().map_err(|e| chain(&e))?;
-                if let Some((counter, read)) = case.counter {
-                    let moved = read(&after) - read(&before);
-                    if moved != u64::from(args.repeat) {
-                        return Err(format!(
-                            "{} with {n} CIDRs moved {counter} by {moved}, not {}: the frame did not take the path it measures",
-                            case.name, args.repeat
-                        ));
-                    }
-                }
-                samples.push(json!({
-                    "run": run,
-                    "cidrs": n,
-                    "case": case.name,
-                    "program": case.program,
-                    "what": case.what,
-                    "frame_bytes": case.frame.len(),
-                    "retval": r.retval as i32,
-                    "ns_per_packet": r.ns_per_run(),
-                    "kernel_ns_per_packet": r.kernel_ns_per_run,
-                }));
+            measure(&mut dp, args, run, n, cases(dst, local), &mut samples)?;
+            for (layout, lens) in MIXED {
+                let mixed = mixed_set(lens, n).ok_or(format!("{n} CIDRs of {lens:?}"))?;
+                let set: BTreeSet<IpNet> = mixed.iter().copied().map(IpNet::V4).collect();
+                dp.sync_remote_cidrs(&set).map_err(|e| chain(&e))?;
+                dp.sync_cluster_cidrs(&set).map_err(|e| chain(&e))?;
+                let shortest = lens.iter().min().copied().unwrap_or(32);
+                let of_shortest: Vec<_> = mixed
+                    .iter()
+                    .filter(|net| net.prefix_len() == shortest)
+                    .collect();
+                let dst = bench::host_in(*of_shortest[of_shortest.len() / 2], 2);
+                measure(&mut dp, args, run, n, mixed_cases(layout, dst, local), &mut samples)?;
             }
         }
     }
@@ -229,6 +264,45 @@ fn run(args: &Args) -> Result<Value, String> {
         "local_cidr": LOCAL_CIDR,
         "samples": samples,
     }))
+}
+
+/// Test-runs every case and appends a sample per case; checks each moved its counter.
+fn measure(
+    dp: &mut Datapath,
+    args: &Args,
+    run: usize,
+    n: usize,
+    cases: Vec<Case>,
+    samples: &mut Vec<Value>,
+) -> Result<(), String> {
+    for case in cases {
+        let before = dp.counters().map_err(|e| chain(&e))?;
+        let r = dp
+            .test_run(case.program, &case.frame, args.repeat)
+            .map_err(|e| chain(&e))?;
+        let after = dp.counters().map_err(|e| chain(&e))?;
+        if let Some((counter, read)) = case.counter {
+            let moved = read(&after) - read(&before);
+            if moved != u64::from(args.repeat) {
+                return Err(format!(
+                    "{} with {n} CIDRs moved {counter} by {moved}, not {}: the frame did not take the path it measures",
+                    case.name, args.repeat
+                ));
+            }
+        }
+        samples.push(json!({
+            "run": run,
+            "cidrs": n,
+            "case": case.name,
+            "program": case.program,
+            "what": case.what,
+            "frame_bytes": case.frame.len(),
+            "retval": r.retval as i32,
+            "ns_per_packet": r.ns_per_run(),
+            "kernel_ns_per_packet": r.kernel_ns_per_run,
+        }));
+    }
+    Ok(())
 }
 
 /// An error with its sources, one per `: `.

@@ -5,11 +5,18 @@
 //! eBPF programs can use it; the `user` feature adds the `aya::Pod` impls the agent needs.
 //!
 //! Every map is pinned by name and re-used across agent restarts and upgrades, so the *shape* of a
-//! map (type, key size, value size, max entries) is an ABI: changing any of it here requires the
-//! agent to refuse the old pin (it does, naming `wgmesh-agent cleanup` as the fix). To let the
-//! programs grow without such a break, `COUNTERS` has spare slots (and `Config`'s former reserved
-//! word now holds `tunnel_ifindex`). Adding a *new* map is not a break: a missing pin is created on
-//! load, next to the re-used ones.
+//! map (type, key size, value size, max entries) is an ABI. Two kinds of maps:
+//! * **state** (the CIDR tries, `CONFIG`, `COUNTERS`, `STATS`): changing its shape here requires
+//!   the agent to refuse the old pin (it does, naming `wgmesh-agent cleanup` as the fix), since
+//!   its contents cannot be re-derived. To let the programs grow without such a break, the
+//!   counter records have spare slots (and `Config`'s former reserved word now holds
+//!   `tunnel_ifindex`).
+//! * **derived** ([`DERIVED_MAP_NAMES`]: the hash indexes and `PREFIX_LENS`): the agent rebuilds
+//!   them from the tries at every load, before anything is attached, and replaces a pin of
+//!   another shape instead of refusing it.
+//!
+//! Adding a *new* map is not a break: a missing pin is created on load, next to the re-used ones
+//! (that is how pins of the layout before the hash indexes are upgraded).
 //!
 //! It must not contain logic: no parsing, no I/O, nothing that needs `std`.
 #![no_std]
@@ -36,11 +43,32 @@ pub const MAP_LOCAL_V4: &str = "LOCAL_V4";
 pub const MAP_LOCAL_V6: &str = "LOCAL_V6";
 /// Array with one [`Config`] at index [`CONFIG_INDEX`].
 pub const MAP_CONFIG: &str = "CONFIG";
-/// Per-CPU array of `u64` packet/byte counters, indexed by the constants in [`counter`].
+/// Per-CPU array of `u64` packet/byte counters, indexed by the constants in [`counter`]: what
+/// builds before [`MAP_STATS`] counted. No longer written; readers add it to `STATS`.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
+/// Hash `PrefixKeyV4 -> u32`: the `REMOTE_V4` CIDRs keyed by (prefix length, network), the index
+/// the programs look addresses up in (see [`prefix_lens`]). Derived from the trie by the agent.
+pub const MAP_REMOTE_V4_HASH: &str = "REMOTE_V4_HASH";
+/// Hash `PrefixKeyV6 -> u32`: the `REMOTE_V6` CIDRs by (prefix length, network).
+pub const MAP_REMOTE_V6_HASH: &str = "REMOTE_V6_HASH";
+/// Hash `PrefixKeyV4 -> u32`: the `CLUSTER_V4` CIDRs by (prefix length, network).
+pub const MAP_CLUSTER_V4_HASH: &str = "CLUSTER_V4_HASH";
+/// Hash `PrefixKeyV6 -> u32`: the `CLUSTER_V6` CIDRs by (prefix length, network).
+pub const MAP_CLUSTER_V6_HASH: &str = "CLUSTER_V6_HASH";
+/// Hash `PrefixKeyV4 -> u32`: the `LOCAL_V4` CIDRs by (prefix length, network).
+pub const MAP_LOCAL_V4_HASH: &str = "LOCAL_V4_HASH";
+/// Hash `PrefixKeyV6 -> u32`: the `LOCAL_V6` CIDRs by (prefix length, network).
+pub const MAP_LOCAL_V6_HASH: &str = "LOCAL_V6_HASH";
+/// Array (mmapable) of [`prefix_lens::SETS`] `u64`s: per CIDR set, the prefix lengths its hash
+/// holds, or "use the trie" (see [`prefix_lens`]).
+pub const MAP_PREFIX_LENS: &str = "PREFIX_LENS";
+/// Per-CPU array with one [`Stats`]: the counters the programs of this layout write (one lookup
+/// per packet). `COUNTERS` holds what earlier builds counted; readers add both.
+pub const MAP_STATS: &str = "STATS";
+
 /// Every map of the object, in a fixed order (pins are created, checked and removed by these names).
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 16] = [
     MAP_REMOTE_V4,
     MAP_REMOTE_V6,
     MAP_LOCAL_V4,
@@ -49,6 +77,26 @@ pub const MAP_NAMES: [&str; 8] = [
     MAP_COUNTERS,
     MAP_CLUSTER_V4,
     MAP_CLUSTER_V6,
+    MAP_REMOTE_V4_HASH,
+    MAP_REMOTE_V6_HASH,
+    MAP_CLUSTER_V4_HASH,
+    MAP_CLUSTER_V6_HASH,
+    MAP_LOCAL_V4_HASH,
+    MAP_LOCAL_V6_HASH,
+    MAP_PREFIX_LENS,
+    MAP_STATS,
+];
+
+/// The maps the agent derives from the others (the hash indexes and their prefix lengths): it
+/// rebuilds them from the tries at every load, so a pin of another shape is replaced, never refused.
+pub const DERIVED_MAP_NAMES: [&str; 7] = [
+    MAP_REMOTE_V4_HASH,
+    MAP_REMOTE_V6_HASH,
+    MAP_CLUSTER_V4_HASH,
+    MAP_CLUSTER_V6_HASH,
+    MAP_LOCAL_V4_HASH,
+    MAP_LOCAL_V6_HASH,
+    MAP_PREFIX_LENS,
 ];
 
 /// Capacity of each `REMOTE_*` trie: one entry per remote pod CIDR. 16k covers clusters far beyond
@@ -138,6 +186,105 @@ pub mod counter {
     /// Number of slots in use; the rest of [`super::COUNTER_SLOTS`] is spare.
     pub const USED: u32 = 10;
 }
+
+/// Key of the `*_HASH` maps (IPv4): the CIDR's prefix length and its network address (host bits
+/// zero). Same bytes as the trie key: `u32` host order, then the address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixKeyV4 {
+    /// Prefix length, 0..=32.
+    pub prefix_len: u32,
+    /// Network address, network byte order.
+    pub addr: Ipv4Key,
+}
+
+/// Key of the `*_HASH` maps (IPv6), like [`PrefixKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefixKeyV6 {
+    /// Prefix length, 0..=128.
+    pub prefix_len: u32,
+    /// Network address, network byte order.
+    pub addr: Ipv6Key,
+}
+
+// SAFETY: `#[repr(C)]`, a `u32` followed by bytes: no padding (sizes 8 and 20, alignment 4), no
+// pointers, every bit pattern valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PrefixKeyV4 {}
+// SAFETY: as for `PrefixKeyV4`.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PrefixKeyV6 {}
+
+/// Size in bytes of [`PrefixKeyV4`].
+pub const PREFIX_KEY_V4_SIZE: u32 = core::mem::size_of::<PrefixKeyV4>() as u32;
+/// Size in bytes of [`PrefixKeyV6`].
+pub const PREFIX_KEY_V6_SIZE: u32 = core::mem::size_of::<PrefixKeyV6>() as u32;
+
+/// The `PREFIX_LENS` record of one CIDR set: which prefix lengths its `*_HASH` map holds, so that
+/// a lookup costs one hash probe per length in use (Kubernetes pod CIDRs usually share one length)
+/// instead of a trie walk that grows with the map.
+///
+/// One `u64` per set, written by the agent with a single atomic store through an mmap of the array
+/// (a program never sees half an update) and read by the programs with a single load:
+/// * byte 7 ([`MODE_SHIFT`]): [`MODE_TRIE`] (0, also a record never written) or [`MODE_HASHED`];
+/// * bytes 0..7, hashed mode only: prefix length + 1 of each length in use, longest first, 0 ends
+///   the list. Probing longest first, the first hit is the longest match.
+///
+/// With more distinct lengths than [`MAX_HASHED`] the agent writes [`MODE_TRIE`] and the programs
+/// use the LPM trie, which the agent keeps complete in every mode; so correctness never depends on
+/// the bound, only the cost does.
+pub mod prefix_lens {
+    /// Index of the `REMOTE_V4` record.
+    pub const REMOTE_V4: u32 = 0;
+    /// Index of the `REMOTE_V6` record.
+    pub const REMOTE_V6: u32 = 1;
+    /// Index of the `CLUSTER_V4` record.
+    pub const CLUSTER_V4: u32 = 2;
+    /// Index of the `CLUSTER_V6` record.
+    pub const CLUSTER_V6: u32 = 3;
+    /// Index of the `LOCAL_V4` record.
+    pub const LOCAL_V4: u32 = 4;
+    /// Index of the `LOCAL_V6` record.
+    pub const LOCAL_V6: u32 = 5;
+    /// Number of records (the map's capacity).
+    pub const SETS: u32 = 6;
+    /// Bit position of the mode byte.
+    pub const MODE_SHIFT: u32 = 56;
+    /// Mode: look up in the LPM trie (also what an unwritten, all-zero record means).
+    pub const MODE_TRIE: u64 = 0;
+    /// Mode: probe the hash once per listed prefix length.
+    pub const MODE_HASHED: u64 = 1;
+    /// Length slots in a record (bytes 0..7).
+    pub const SLOTS: u32 = 7;
+    /// Most distinct prefix lengths the agent serves from the hash; beyond, the trie is cheaper
+    /// than that many probes for an address that matches nothing.
+    pub const MAX_HASHED: usize = 4;
+    /// `BPF_F_MMAPABLE`: the agent maps the array to publish records atomically.
+    pub const MAP_FLAGS: u32 = 1 << 10;
+}
+
+/// The value of `STATS`: every counter slot (see [`counter`]) in one per-CPU record, so a packet
+/// costs one map lookup however many counters it moves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Indexed by the constants in [`counter`].
+    pub slots: [u64; COUNTER_SLOTS as usize],
+}
+
+// SAFETY: `#[repr(C)]` array of `u64`s: no padding, no pointers, every bit pattern valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Stats {}
+
+/// Size in bytes of [`Stats`] (the `STATS` map's value size).
+pub const STATS_SIZE: u32 = core::mem::size_of::<Stats>() as u32;
+/// `STATS` holds one record, at index 0.
+pub const STATS_INDEX: u32 = 0;
+
+const _: () = assert!(PREFIX_KEY_V4_SIZE == 8);
+const _: () = assert!(PREFIX_KEY_V6_SIZE == 20);
+const _: () = assert!(prefix_lens::MAX_HASHED <= prefix_lens::SLOTS as usize);
 
 /// Slot indices must fit the map.
 const _: () = assert!(counter::USED <= COUNTER_SLOTS);

@@ -565,12 +565,19 @@ fn wait_converged(bed: &Testbed) -> Result<()> {
 mod ebpf_section {
     use super::*;
 
-    pub const CASES: [&str; 5] = [
+    pub const CASES: [&str; 11] = [
         "noop",
         "steer_remote",
         "steer_other",
         "guard_wireguard",
         "guard_rescue",
+        // Remote CIDRs of 2 prefix lengths (hash index), and of more than it serves (LPM trie).
+        "steer_remote_2len",
+        "steer_other_2len",
+        "guard_rescue_2len",
+        "steer_remote_fallback",
+        "steer_other_fallback",
+        "guard_rescue_fallback",
     ];
 
     pub fn run(plan: &Plan) -> Result<Value> {

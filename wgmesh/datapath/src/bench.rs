@@ -368,6 +368,7 @@ mod tests {
     use wgmesh_ebpf_common::{PROG_GUARD, PROG_STEER};
 
     use super::*;
+    use crate::Lookup;
 
     const TC_ACT_UNSPEC: u32 = u32::MAX;
     const TC_ACT_REDIRECT: u32 = 7;
@@ -459,5 +460,181 @@ mod tests {
         drop(dp);
         drop(scratch);
         assert!(!dir.exists(), "the scratch mount point is removed");
+    }
+
+    /// What `wgmesh_steer` did with one packet to `dst`, read from the counters it moved.
+    fn steer_verdict(dp: &mut Datapath, dst: &str) -> &'static str {
+        let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 4000);
+        let frame = udp_frame(src, SocketAddrV4::new(dst.parse().expect("addr"), 5000), 16);
+        let before = dp.counters().expect("counters");
+        let run = dp.test_run(PROG_STEER, &frame, 1).expect("steer");
+        assert_eq!(run.retval, TC_ACT_UNSPEC, "steer never ends the chain");
+        let after = dp.counters().expect("counters");
+        match (
+            after.steered - before.steered,
+            after.local - before.local,
+            after.passed - before.passed,
+        ) {
+            (1, 0, 0) => "remote",
+            (0, 1, 0) => "local",
+            (0, 0, 1) => "passed",
+            moved => panic!("{dst}: counters moved {moved:?}"),
+        }
+    }
+
+    fn nets(list: &[&str]) -> BTreeSet<IpNet> {
+        list.iter().map(|c| c.parse().expect("cidr")).collect()
+    }
+
+    fn scratch(name: &str) -> (ScratchBpffs, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("wgmesh-{name}-{}", std::process::id()));
+        let scratch = ScratchBpffs::mount(&dir).expect("mount a scratch bpffs");
+        (scratch, dir)
+    }
+
+    /// Verdicts for addresses around nested CIDRs of several lengths, `(address, verdict)`.
+    const NESTED: [(&str, &str); 7] = [
+        ("10.1.2.3", "remote"),     // in the /24 and the /16
+        ("10.1.200.1", "remote"),   // only in the /16
+        ("10.2.0.1", "passed"),     // outside
+        ("10.3.4.5", "remote"),     // the /32
+        ("10.3.4.6", "passed"),     // next to it
+        ("198.18.1.20", "local"),   // this node's pods
+        ("198.19.7.255", "remote"), // last address of the /21
+    ];
+
+    #[test]
+    #[ignore = "needs root (bpffs mount, BPF_PROG_TEST_RUN): run `make test-netns`"]
+    fn mixed_prefix_lengths_match_through_the_hash_and_past_the_bound_through_the_trie() {
+        let (scratch, _dir) = scratch("mixed");
+        let mut dp = Datapath::load(&scratch.datapath_config()).expect("load");
+        dp.sync_local_cidrs(&nets(&["198.18.1.0/24"]))
+            .expect("local");
+        let lookup = |dp: &Datapath, map| {
+            dp.lookups()
+                .into_iter()
+                .find(|(name, _)| *name == map)
+                .map(|(_, lookup)| lookup)
+                .expect("known map")
+        };
+        assert_eq!(
+            lookup(&dp, "LOCAL_V4"),
+            Lookup::Hash {
+                prefix_lens: vec![24]
+            }
+        );
+
+        // Four lengths: served by the hash, longest first.
+        let four = ["10.1.0.0/16", "10.1.2.0/24", "10.3.4.5/32", "198.19.0.0/21"];
+        dp.sync_remote_cidrs(&nets(&four)).expect("remote");
+        assert_eq!(
+            lookup(&dp, "REMOTE_V4"),
+            Lookup::Hash {
+                prefix_lens: vec![32, 24, 21, 16]
+            }
+        );
+        for (addr, verdict) in NESTED {
+            assert_eq!(steer_verdict(&mut dp, addr), verdict, "{addr} (hash)");
+        }
+
+        // A fifth length: past the bound, the trie answers, with the same verdicts.
+        let mut five = four.to_vec();
+        five.push("172.31.0.0/28");
+        dp.sync_remote_cidrs(&nets(&five)).expect("remote");
+        assert_eq!(lookup(&dp, "REMOTE_V4"), Lookup::Trie);
+        for (addr, verdict) in NESTED {
+            assert_eq!(steer_verdict(&mut dp, addr), verdict, "{addr} (trie)");
+        }
+        assert_eq!(steer_verdict(&mut dp, "172.31.0.9"), "remote");
+
+        // Removing the /24 and the /28 goes back to the hash; 10.1.2.3 still matches the /16.
+        dp.sync_remote_cidrs(&nets(&["10.1.0.0/16", "10.3.4.5/32", "198.19.0.0/21"]))
+            .expect("remote");
+        assert_eq!(
+            lookup(&dp, "REMOTE_V4"),
+            Lookup::Hash {
+                prefix_lens: vec![32, 21, 16]
+            }
+        );
+        for (addr, verdict) in NESTED {
+            assert_eq!(steer_verdict(&mut dp, addr), verdict, "{addr} (hash again)");
+        }
+        assert_eq!(steer_verdict(&mut dp, "172.31.0.9"), "passed");
+
+        // The guard probes CLUSTER and LOCAL (source) the same way: mixed lengths, rescue.
+        dp.sync_cluster_cidrs(&nets(&["10.0.0.0/8", "10.1.0.0/16"]))
+            .expect("cluster");
+        let pod = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 4000);
+        let to = |dst: &str| udp_frame(pod, SocketAddrV4::new(dst.parse().expect("addr"), 1), 16);
+        let guard = |dp: &mut Datapath, dst| dp.test_run(PROG_GUARD, &to(dst), 1).expect("guard");
+        assert_eq!(
+            guard(&mut dp, "10.1.9.9").retval,
+            TC_ACT_REDIRECT,
+            "remote: rescued"
+        );
+        let before = dp.counters().expect("counters");
+        assert_eq!(
+            guard(&mut dp, "10.9.9.9").retval,
+            TC_ACT_UNSPEC,
+            "cluster only"
+        );
+        assert_eq!(dp.counters().expect("counters").leaked - before.leaked, 1);
+        assert_eq!(
+            guard(&mut dp, "192.0.2.1").retval,
+            TC_ACT_UNSPEC,
+            "elsewhere"
+        );
+    }
+
+    #[test]
+    #[ignore = "needs root (bpffs mount, BPF_PROG_TEST_RUN): run `make test-netns`"]
+    fn pins_of_an_older_layout_get_a_rebuilt_index_before_anything_runs() {
+        let (scratch, _dir) = scratch("layout");
+        let pins = scratch.bpffs_dir();
+        let remote = ["10.1.0.0/16", "10.1.2.0/24", "198.19.0.0/21"];
+        {
+            let mut dp = Datapath::load(&scratch.datapath_config()).expect("load");
+            dp.sync_local_cidrs(&nets(&["198.18.1.0/24"]))
+                .expect("local");
+            dp.sync_remote_cidrs(&nets(&remote)).expect("remote");
+            assert_eq!(steer_verdict(&mut dp, "10.1.2.3"), "remote");
+        }
+        // An older build's pin set: tries, CONFIG and COUNTERS only (no index, no STATS) ...
+        for map in wgmesh_ebpf_common::DERIVED_MAP_NAMES
+            .iter()
+            .chain(&[wgmesh_ebpf_common::MAP_STATS])
+        {
+            fs::remove_file(pins.join(map)).expect("unpin");
+        }
+        // ... and one derived pin of another shape: the LOCAL_V4 trie where REMOTE_V4_HASH goes.
+        aya::maps::MapData::from_pin(pins.join("LOCAL_V4"))
+            .expect("open")
+            .pin(pins.join("REMOTE_V4_HASH"))
+            .expect("pin");
+
+        let mut dp = Datapath::load(&scratch.datapath_config()).expect("load over old pins");
+        // Nothing synced yet: the index was rebuilt from the tries during load.
+        assert_eq!(
+            dp.lookups()
+                .into_iter()
+                .find(|(name, _)| *name == "REMOTE_V4")
+                .map(|(_, lookup)| lookup),
+            Some(Lookup::Hash {
+                prefix_lens: vec![24, 21, 16]
+            })
+        );
+        for (addr, verdict) in [
+            ("10.1.2.3", "remote"),
+            ("10.1.99.1", "remote"),
+            ("198.19.3.1", "remote"),
+            ("198.18.1.7", "local"),
+            ("10.2.0.1", "passed"),
+        ] {
+            assert_eq!(steer_verdict(&mut dp, addr), verdict, "{addr}");
+        }
+        // The misplaced trie was replaced, not re-used (and LOCAL_V4 itself is intact).
+        let info = aya::maps::MapInfo::from_pin(pins.join("REMOTE_V4_HASH")).expect("info");
+        assert_eq!(info.map_type().expect("type"), aya::maps::MapType::Hash);
+        assert_eq!(dp.local_cidrs().expect("local"), nets(&["198.18.1.0/24"]));
     }
 }

@@ -175,6 +175,15 @@ pub enum Error {
         #[source]
         source: Box<MapError>,
     },
+    /// Mapping a map into the agent's memory failed.
+    #[error("failed to mmap map {map}")]
+    MapMmap {
+        /// The map name.
+        map: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// Inserting a CIDR failed.
     #[error("failed to insert {cidr} into map {map}")]
     MapInsert {

@@ -68,7 +68,7 @@ use wgmesh_ebpf_common::{Config, MAP_NAMES, PROG_GUARD, PROG_STEER};
 
 use crate::{
     attach::Target,
-    maps::{LATER_MAPS, MapSet},
+    maps::{LATER_MAPS, MapSet, ShapeMismatch},
 };
 pub use crate::{error::Error, maps::MapShape};
 
@@ -140,6 +140,18 @@ pub struct Counters {
     /// Packets about to leave the uplink in the clear for a peered node's pod CIDR, redirected
     /// into the WireGuard device instead (pods racing the steer attach, node-originated traffic).
     pub rescued: u64,
+}
+
+/// How the programs look addresses up in one CIDR map (see `PREFIX_LENS` in `wgmesh-ebpf-common`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// One hash probe per prefix length, longest first.
+    Hash {
+        /// The distinct prefix lengths in the map, longest first.
+        prefix_lens: Vec<u8>,
+    },
+    /// The LPM trie: the map has more distinct prefix lengths than the hash index serves.
+    Trie,
 }
 
 /// How programs are attached on this kernel.
@@ -241,7 +253,7 @@ impl Datapath {
             return Err(Error::ObjectNotBuilt);
         }
         let links_dir = bpffs::prepare(&cfg.bpffs_dir)?;
-        let reused = maps::check_pinned_shapes(&cfg.bpffs_dir)?;
+        let reused = maps::check_pinned_shapes(&cfg.bpffs_dir, ShapeMismatch::ReplaceDerived)?;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&cfg.bpffs_dir)
@@ -265,10 +277,13 @@ impl Datapath {
             strict: u32::from(cfg.strict),
             tunnel_ifindex: cfg.tunnel_ifindex,
         })?;
+        // Before anything is attached: the new programs must find the index complete.
+        let indexed = maps.rebuild_indexes()?;
         tracing::info!(
             attach_mode = %mode,
             bpffs_dir = %cfg.bpffs_dir.display(),
             reused_maps = reused.len(),
+            indexed_cidrs = indexed,
             fwmark = format_args!("{:#x}/{:#x}", cfg.fwmark, cfg.fwmask),
             strict = cfg.strict,
             tunnel_ifindex = cfg.tunnel_ifindex,
@@ -441,6 +456,22 @@ impl Datapath {
     /// The counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         self.maps.counters()
+    }
+
+    /// How the programs currently look addresses up in each CIDR map, by trie name
+    /// (`REMOTE_V4`, ...).
+    pub fn lookups(&self) -> Vec<(&'static str, Lookup)> {
+        maps::LOOKUP_RECORDS
+            .iter()
+            .map(|(map, set)| {
+                let record = self.maps.prefix_lens(*set).unwrap_or(0);
+                let lookup = match cidr::decode_lens_record(record) {
+                    Some(prefix_lens) => Lookup::Hash { prefix_lens },
+                    None => Lookup::Trie,
+                };
+                (*map, lookup)
+            })
+            .collect()
     }
 
     /// Removes everything wgmesh put under `bpffs_dir` and in the kernel: pinned TCX links are
