@@ -774,12 +774,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shared = Shared::new();
     tokio::spawn(server::serve(args.status_addr, shared.clone()));
     let resync = args.resync();
-    let mut agent = Agent::start(args.clone(), shared.clone()).await?;
-    let client = discovery::client(args.kubeconfig.as_deref()).await?;
 
+    // The Node list starts right away, alongside the device and datapath start-up below (which
+    // need no API): at scale, fetching the Nodes is the longest step before the first reconcile.
+    // Events queue in the channel until the loop runs.
     let (tx, mut rx) = mpsc::channel::<Trigger>(1024);
     let (reader, writer) = reflector::store::<Node>();
-    {
+    let client = discovery::client(args.kubeconfig.as_deref()).await;
+    if let Ok(client) = &client {
         let tx = tx.clone();
         let api: Api<Node> = Api::all(client.clone());
         tokio::spawn(async move {
@@ -800,6 +802,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let mut agent = Agent::start(args.clone(), shared.clone()).await?;
+    let client = client?;
     {
         let tx = tx.clone();
         let mut links = Box::pin(netlink::link_events()?);
