@@ -11,10 +11,9 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
 use wgmesh_api::{
@@ -28,7 +27,7 @@ use wgmesh_datapath::{Datapath, DatapathConfig, Direction};
 
 use crate::{
     config::{BackendChoice, RunArgs, WIREGUARD_OVERHEAD},
-    discovery::{self, Identity},
+    discovery::{self, CacheChange, Identity, NodeCache, SlimNode},
     keys::{self, NodeKey},
     mesh::{self, DesiredState, PeerDiff, Skipped},
     netlink::{self, LinkEvent, Netlink, PolicyRouting},
@@ -41,10 +40,8 @@ use crate::{
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 enum Trigger {
-    /// The Node cache changed.
-    Nodes,
-    /// The initial list of Nodes is complete.
-    Synced,
+    /// A watcher event for the Node cache (a list page item, the end of a list, a change).
+    Node(watcher::Event<SlimNode>),
     /// The Node watch failed (the watcher retries with backoff by itself).
     WatchError(String),
     Link(LinkEvent),
@@ -779,21 +776,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // need no API): at scale, fetching the Nodes is the longest step before the first reconcile.
     // Events queue in the channel until the loop runs.
     let (tx, mut rx) = mpsc::channel::<Trigger>(1024);
-    let (reader, writer) = reflector::store::<Node>();
     let client = discovery::client(args.kubeconfig.as_deref()).await;
     if let Ok(client) = &client {
         let tx = tx.clone();
-        let api: Api<Node> = Api::all(client.clone());
+        // Only the fields wgmesh reads are decoded (`SlimNode`), and the loop keeps them as
+        // `NodeRecord`s: no full Node objects are cached.
+        let api: Api<SlimNode> = Api::all(client.clone());
         tokio::spawn(async move {
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
-                .reflect(writer)
                 .boxed();
             while let Some(ev) = events.next().await {
                 let t = match ev {
-                    Ok(watcher::Event::InitDone) => Trigger::Synced,
-                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Trigger::Nodes,
+                    Ok(ev) => Trigger::Node(ev),
                     Err(e) => Trigger::WatchError(e.to_string()),
                 };
                 if tx.send(t).await.is_err() {
@@ -804,6 +799,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let mut agent = Agent::start(args.clone(), shared.clone()).await?;
     let client = client?;
+    let mut cache = NodeCache::default();
     {
         let tx = tx.clone();
         let mut links = Box::pin(netlink::link_events()?);
@@ -847,15 +843,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 for t in pending {
                     match t {
-                        Trigger::Nodes => { dirty = true; watch_failing = false; }
-                        Trigger::Synced => {
-                            if !agent.synced {
-                                tracing::info!(nodes = reader.state().len(), "initial node list received; stale peers will now be pruned");
+                        Trigger::Node(ev) => match cache.apply(ev) {
+                            CacheChange::None => {}
+                            CacheChange::Nodes => { dirty = true; watch_failing = false; }
+                            CacheChange::Synced => {
+                                if !agent.synced {
+                                    tracing::info!(nodes = cache.nodes().len(), "initial node list received; stale peers will now be pruned");
+                                }
+                                agent.synced = true;
+                                dirty = true;
+                                watch_failing = false;
                             }
-                            agent.synced = true;
-                            dirty = true;
-                            watch_failing = false;
-                        }
+                        },
                         Trigger::WatchError(e) => {
                             if !watch_failing {
                                 tracing::warn!(error = %e, "node watch failed; retrying with backoff, the data path stays as it is");
@@ -871,15 +870,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %format!("{e:#}"), "cannot list pod interfaces");
         }
         if dirty {
-            let nodes: Vec<NodeRecord> = reader
-                .state()
-                .iter()
-                .map(|n| discovery::node_record(n))
-                .collect();
+            let nodes = cache.nodes();
             if nodes.is_empty() && !agent.synced {
                 continue;
             }
-            agent.reconcile(&client, &nodes).await;
+            agent.reconcile(&client, nodes).await;
         }
     }
     Ok(())
