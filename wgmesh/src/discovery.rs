@@ -489,7 +489,10 @@ mod tests {
         let full: Node = serde_json::from_str(json).expect("a Node");
         let slim: SlimNode = serde_json::from_str(json).expect("a SlimNode");
         assert_eq!(slim.metadata.name, full.metadata.name);
-        assert_eq!(slim.metadata.resource_version, full.metadata.resource_version);
+        assert_eq!(
+            slim.metadata.resource_version,
+            full.metadata.resource_version
+        );
         assert_eq!(slim.metadata.uid, full.metadata.uid);
         assert!(slim.metadata.managed_fields.is_none() && slim.metadata.labels.is_none());
         let record = slim.into_record();
@@ -554,7 +557,12 @@ mod tests {
     fn names(c: &NodeCache) -> Vec<(&str, &str)> {
         c.nodes()
             .iter()
-            .map(|r| (r.name.as_str(), r.annotations[ANNOTATION_LISTEN_PORT].as_str()))
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.annotations[ANNOTATION_LISTEN_PORT].as_str(),
+                )
+            })
             .collect()
     }
 
@@ -563,8 +571,14 @@ mod tests {
         use watcher::Event;
         let mut c = NodeCache::default();
         assert_eq!(c.apply(Event::Init), CacheChange::None);
-        assert_eq!(c.apply(Event::InitApply(event("b", "1"))), CacheChange::None);
-        assert_eq!(c.apply(Event::InitApply(event("a", "1"))), CacheChange::None);
+        assert_eq!(
+            c.apply(Event::InitApply(event("b", "1"))),
+            CacheChange::None
+        );
+        assert_eq!(
+            c.apply(Event::InitApply(event("a", "1"))),
+            CacheChange::None
+        );
         assert!(c.nodes().is_empty(), "a list in progress is not visible");
         assert_eq!(c.apply(Event::InitDone), CacheChange::Synced);
         assert_eq!(names(&c), [("a", "1"), ("b", "1")]);
