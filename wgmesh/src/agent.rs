@@ -47,6 +47,13 @@ enum Trigger {
     Link(LinkEvent),
 }
 
+impl Trigger {
+    /// The end of a (re-)list of Nodes.
+    fn completes_list(&self) -> bool {
+        matches!(self, Trigger::Node(watcher::Event::InitDone))
+    }
+}
+
 /// Opens the WireGuard device for the chosen backend, creating or starting it when needed.
 pub fn open_device(args: &RunArgs) -> Result<Box<dyn WgDevice>, wireguard::Error> {
     let ifname = &args.local.interface;
@@ -901,10 +908,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             t = rx.recv() => {
                 let Some(t) = t else { anyhow::bail!("event sources ended") };
                 let mut pending = vec![t];
-                // Coalesce a burst.
+                // Coalesce a burst. A completed (re-)list is a whole snapshot of the cluster:
+                // nothing left to wait for, so it ends the window.
                 let deadline = tokio::time::sleep(DEBOUNCE);
                 tokio::pin!(deadline);
                 loop {
+                    if pending.last().is_some_and(Trigger::completes_list) {
+                        break;
+                    }
                     tokio::select! {
                         _ = &mut deadline => break,
                         more = rx.recv() => match more { Some(m) => pending.push(m), None => break },
