@@ -38,6 +38,8 @@ use crate::{
 
 /// Events are coalesced for this long before a reconcile, so a burst of Node updates costs one pass.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Room for events (list items included) waiting for the loop: ten pages of the watcher's 500.
+const EVENT_QUEUE: usize = 5_000;
 
 enum Trigger {
     /// A watcher event for the Node cache (a list page item, the end of a list, a change).
@@ -850,8 +852,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The Node list starts right away, alongside the device and datapath start-up below (which
     // need no API): at scale, fetching the Nodes is the longest step before the first reconcile.
-    // Events queue in the channel until the loop runs.
-    let (tx, mut rx) = mpsc::channel::<Trigger>(1024);
+    // Events queue in the channel until the loop runs; it holds a few list pages, so the list
+    // does not stall behind the start-up (tokio allocates the queue as it fills, not up front).
+    let (tx, mut rx) = mpsc::channel::<Trigger>(EVENT_QUEUE);
     let client = discovery::client(args.kubeconfig.as_deref()).await;
     if let Ok(client) = &client {
         let tx = tx.clone();
