@@ -43,7 +43,8 @@ const EVENT_QUEUE: usize = 5_000;
 
 enum Trigger {
     /// A watcher event for the Node cache (a list page item, the end of a list, a change).
-    Node(watcher::Event<SlimNode>),
+    /// Boxed: an `ObjectMeta` makes it several times larger than the other variants.
+    Node(Box<watcher::Event<SlimNode>>),
     /// The Node watch failed (the watcher retries with backoff by itself).
     WatchError(String),
     Link(LinkEvent),
@@ -52,7 +53,7 @@ enum Trigger {
 impl Trigger {
     /// The end of a (re-)list of Nodes.
     fn completes_list(&self) -> bool {
-        matches!(self, Trigger::Node(watcher::Event::InitDone))
+        matches!(self, Trigger::Node(ev) if matches!(**ev, watcher::Event::InitDone))
     }
 }
 
@@ -867,7 +868,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .boxed();
             while let Some(ev) = events.next().await {
                 let t = match ev {
-                    Ok(ev) => Trigger::Node(ev),
+                    Ok(ev) => Trigger::Node(Box::new(ev)),
                     Err(e) => Trigger::WatchError(e.to_string()),
                 };
                 if tx.send(t).await.is_err() {
@@ -926,7 +927,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 for t in pending {
                     match t {
-                        Trigger::Node(ev) => match cache.apply(ev) {
+                        Trigger::Node(ev) => match cache.apply(*ev) {
                             CacheChange::None => {}
                             CacheChange::Nodes => { dirty = true; watch_failing = false; }
                             CacheChange::Synced => {
