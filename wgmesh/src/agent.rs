@@ -11,10 +11,9 @@ use std::{
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api, Client,
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
 use wgmesh_api::{
@@ -28,7 +27,7 @@ use wgmesh_datapath::{Datapath, DatapathConfig, Direction};
 
 use crate::{
     config::{BackendChoice, RunArgs, WIREGUARD_OVERHEAD},
-    discovery::{self, Identity},
+    discovery::{self, CacheChange, Identity, NodeCache, SlimNode},
     keys::{self, NodeKey},
     mesh::{self, DesiredState, PeerDiff, Skipped},
     netlink::{self, LinkEvent, Netlink, PolicyRouting},
@@ -39,15 +38,23 @@ use crate::{
 
 /// Events are coalesced for this long before a reconcile, so a burst of Node updates costs one pass.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Room for events (list items included) waiting for the loop: ten pages of the watcher's 500.
+const EVENT_QUEUE: usize = 5_000;
 
 enum Trigger {
-    /// The Node cache changed.
-    Nodes,
-    /// The initial list of Nodes is complete.
-    Synced,
+    /// A watcher event for the Node cache (a list page item, the end of a list, a change).
+    /// Boxed: an `ObjectMeta` makes it several times larger than the other variants.
+    Node(Box<watcher::Event<SlimNode>>),
     /// The Node watch failed (the watcher retries with backoff by itself).
     WatchError(String),
     Link(LinkEvent),
+}
+
+impl Trigger {
+    /// The end of a (re-)list of Nodes.
+    fn completes_list(&self) -> bool {
+        matches!(self, Trigger::Node(ev) if matches!(**ev, watcher::Event::InitDone))
+    }
 }
 
 /// Opens the WireGuard device for the chosen backend, creating or starting it when needed.
@@ -120,6 +127,13 @@ pub struct Agent {
     last_skipped: Vec<Skipped>,
     last_reconcile: Option<ReconcileStatus>,
     desired: DesiredState,
+    /// Tunnel (index, MTU) the policy routing, route and uplink guard were last set up for.
+    plumbed: Option<(u32, u32)>,
+    /// Set by the periodic resync: redo the local plumbing even when the tunnel did not change.
+    plumbing_due: bool,
+    /// The device as the last reconcile left it (its read plus the changes it made), for the
+    /// status that follows, so a pass reads the device once.
+    device_after_apply: Option<wireguard::DeviceState>,
     shared: Arc<Shared>,
 }
 
@@ -207,6 +221,9 @@ impl Agent {
             last_skipped: Vec::new(),
             last_reconcile: None,
             desired: DesiredState::default(),
+            plumbed: None,
+            plumbing_due: true,
+            device_after_apply: None,
             shared,
         };
         agent.ensure_device_identity()?;
@@ -217,6 +234,14 @@ impl Agent {
 
     fn ensure_device_identity(&mut self) -> anyhow::Result<()> {
         let state = tokio::task::block_in_place(|| self.device.read())?;
+        self.ensure_device_identity_from(&state).map(|_| ())
+    }
+
+    /// [`Self::ensure_device_identity`] from a state already read; true when it had to set it.
+    fn ensure_device_identity_from(
+        &mut self,
+        state: &wireguard::DeviceState,
+    ) -> anyhow::Result<bool> {
         if state.public_key != Some(self.identity.public_key)
             || state.listen_port != self.args.listen_port
         {
@@ -228,11 +253,14 @@ impl Agent {
             let key = self.key.private.clone();
             let port = self.args.listen_port;
             tokio::task::block_in_place(|| self.device.set_identity(&key, port))?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
-    /// Link up, MTU, rp_filter, policy rule and route, uplink guard. Idempotent; cheap when in place.
+    /// Link up, MTU, rp_filter, policy rule and route, uplink guard. Idempotent. After the first
+    /// pass only the link is read (one netlink request); the rest is redone when the tunnel's
+    /// index or MTU changed, or on the periodic resync (which repairs drift such as a deleted rule).
     async fn ensure_local_plumbing(&mut self, nodes: &[NodeRecord]) -> anyhow::Result<()> {
         let ifname = self.args.local.interface.clone();
         if self.uplink.is_none()
@@ -255,6 +283,25 @@ impl Agent {
             self.mtu = Some(mtu);
         }
         let link = self.nl.ensure_up(&ifname, self.mtu).await?;
+        if self.plumbing_due || self.plumbed != Some((link.index, link.mtu)) {
+            self.plumb_tunnel(&ifname, &link).await?;
+            self.plumbed = Some((link.index, link.mtu));
+            self.plumbing_due = false;
+        }
+        if !self.uplink_attached
+            && let Some(up) = self.uplink.clone()
+        {
+            tokio::task::block_in_place(|| self.datapath.attach_uplink(&up))
+                .with_context(|| format!("attaching the leak guard to uplink {up}"))?;
+            tracing::info!(uplink = %up, strict = self.args.strict, "plaintext leak guard attached to the uplink");
+            self.uplink_attached = true;
+        }
+        Ok(())
+    }
+
+    /// The parts of the local plumbing that follow the tunnel link: its index in the datapath,
+    /// rp_filter, the policy rules and the tunnel routes.
+    async fn plumb_tunnel(&mut self, ifname: &str, link: &netlink::Link) -> anyhow::Result<()> {
         // The uplink guard redirects stray plaintext pod packets into the tunnel by index; a
         // recreated device has a new one.
         tokio::task::block_in_place(|| self.datapath.set_tunnel_ifindex(link.index))?;
@@ -273,14 +320,6 @@ impl Agent {
         self.nl
             .ensure_tunnel_routes(self.policy.table, link.index)
             .await?;
-        if !self.uplink_attached
-            && let Some(up) = self.uplink.clone()
-        {
-            tokio::task::block_in_place(|| self.datapath.attach_uplink(&up))
-                .with_context(|| format!("attaching the leak guard to uplink {up}"))?;
-            tracing::info!(uplink = %up, strict = self.args.strict, "plaintext leak guard attached to the uplink");
-            self.uplink_attached = true;
-        }
         Ok(())
     }
 
@@ -425,14 +464,25 @@ impl Agent {
             self.args.keepalive,
         );
         self.log_skipped(&desired.skipped);
-        self.desired = desired.clone();
+        self.desired = desired;
+        self.device_after_apply = None;
         if !self.published {
             // Peer only once this node's key is public (cilium #20925): until then leave the device as is.
             return Ok(PeerDiff::default());
         }
-        self.ensure_device_identity()?;
-        let state = tokio::task::block_in_place(|| self.device.read())?;
-        let diff = mesh::diff(&desired.peers, &state.peers, self.synced, SystemTime::now());
+        // One read of the device per pass: identity, the diff, and (updated with the changes
+        // below) the status that follows.
+        let mut state = tokio::task::block_in_place(|| self.device.read())?;
+        if self.ensure_device_identity_from(&state)? {
+            state.public_key = Some(self.identity.public_key);
+            state.listen_port = self.args.listen_port;
+        }
+        let diff = mesh::diff(
+            &self.desired.peers,
+            &state.peers,
+            self.synced,
+            SystemTime::now(),
+        );
         let m = self.shared.metrics.clone();
         let count = |op: &str| {
             m.peer_changes
@@ -442,8 +492,12 @@ impl Agent {
 
         // Order matters for a gap-free datapath: peers first, then the maps (a CIDR is steered only
         // once its peer exists), and removals last (a CIDR stops being steered before its peer goes).
+        let desired = &self.desired;
+        let synced = self.synced;
+        let device = &mut self.device;
+        let datapath = &mut self.datapath;
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
-            self.device
+            device
                 .add_peers(&diff.add)
                 .with_context(|| format!("adding {} peers", diff.add.len()))?;
             for p in &diff.add {
@@ -455,28 +509,29 @@ impl Agent {
                 count("add");
             }
             for p in &diff.update {
-                self.device
+                device
                     .update_peer(p)
                     .with_context(|| format!("updating peer {}", p.node))?;
                 tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
                 count("update");
             }
-            let mut remote = desired.remote_cidrs.clone();
-            if !self.synced {
+            if synced {
+                datapath.sync_remote_cidrs(&desired.remote_cidrs)?;
+                datapath.sync_cluster_cidrs(&desired.cluster_cidrs)?;
+            } else {
                 // Before the initial list, an absent CIDR may just not have been seen yet.
-                remote.extend(self.datapath.remote_cidrs()?);
+                let mut remote = desired.remote_cidrs.clone();
+                remote.extend(datapath.remote_cidrs()?);
+                datapath.sync_remote_cidrs(&remote)?;
+                let mut cluster = desired.cluster_cidrs.clone();
+                cluster.extend(datapath.cluster_cidrs()?);
+                datapath.sync_cluster_cidrs(&cluster)?;
             }
-            self.datapath.sync_remote_cidrs(&remote)?;
-            let mut cluster = desired.cluster_cidrs.clone();
-            if !self.synced {
-                cluster.extend(self.datapath.cluster_cidrs()?);
-            }
-            self.datapath.sync_cluster_cidrs(&cluster)?;
             if !desired.local_cidrs.is_empty() {
-                self.datapath.sync_local_cidrs(&desired.local_cidrs)?;
+                datapath.sync_local_cidrs(&desired.local_cidrs)?;
             }
             for k in &diff.remove {
-                self.device
+                device
                     .remove_peer(k)
                     .with_context(|| format!("removing peer {}", k.fingerprint()))?;
                 tracing::info!(public_key = %k, "stale peer removed");
@@ -484,6 +539,24 @@ impl Agent {
             }
             Ok(())
         })?;
+        for p in &diff.add {
+            state
+                .peers
+                .insert(p.public_key, wireguard::observed_from_spec(p));
+        }
+        for p in &diff.update {
+            let mut now = wireguard::observed_from_spec(p);
+            if let Some(before) = state.peers.get(&p.public_key) {
+                now.last_handshake = before.last_handshake;
+                now.rx_bytes = before.rx_bytes;
+                now.tx_bytes = before.tx_bytes;
+            }
+            state.peers.insert(p.public_key, now);
+        }
+        for k in &diff.remove {
+            state.peers.remove(k);
+        }
+        self.device_after_apply = Some(state);
         Ok(diff)
     }
 
@@ -611,7 +684,10 @@ impl Agent {
         let m = &self.shared.metrics;
         m.peers.set(self.desired.peers.len() as i64);
         m.skipped_nodes.set(self.desired.skipped.len() as i64);
-        let device = tokio::task::block_in_place(|| self.device.read()).ok();
+        let device = match self.device_after_apply.take() {
+            Some(d) => Some(d),
+            None => tokio::task::block_in_place(|| self.device.read()).ok(),
+        };
         let names: BTreeMap<PublicKey, String> = self
             .desired
             .peers
@@ -774,24 +850,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shared = Shared::new();
     tokio::spawn(server::serve(args.status_addr, shared.clone()));
     let resync = args.resync();
-    let mut agent = Agent::start(args.clone(), shared.clone()).await?;
-    let client = discovery::client(args.kubeconfig.as_deref()).await?;
 
-    let (tx, mut rx) = mpsc::channel::<Trigger>(1024);
-    let (reader, writer) = reflector::store::<Node>();
-    {
+    // The Node list starts right away, alongside the device and datapath start-up below (which
+    // need no API): at scale, fetching the Nodes is the longest step before the first reconcile.
+    // Events queue in the channel until the loop runs; it holds a few list pages, so the list
+    // does not stall behind the start-up (tokio allocates the queue as it fills, not up front).
+    let (tx, mut rx) = mpsc::channel::<Trigger>(EVENT_QUEUE);
+    let client = discovery::client(args.kubeconfig.as_deref()).await;
+    if let Ok(client) = &client {
         let tx = tx.clone();
-        let api: Api<Node> = Api::all(client.clone());
+        // Only the fields wgmesh reads are decoded (`SlimNode`), and the loop keeps them as
+        // `NodeRecord`s: no full Node objects are cached.
+        let api: Api<SlimNode> = Api::all(client.clone());
         tokio::spawn(async move {
             let mut events = watcher(api, watcher::Config::default())
                 .default_backoff()
-                .reflect(writer)
                 .boxed();
             while let Some(ev) = events.next().await {
                 let t = match ev {
-                    Ok(watcher::Event::InitDone) => Trigger::Synced,
-                    Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
-                    Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Trigger::Nodes,
+                    Ok(ev) => Trigger::Node(Box::new(ev)),
                     Err(e) => Trigger::WatchError(e.to_string()),
                 };
                 if tx.send(t).await.is_err() {
@@ -800,6 +877,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let mut agent = Agent::start(args.clone(), shared.clone()).await?;
+    let client = client?;
+    let mut cache = NodeCache::default();
     {
         let tx = tx.clone();
         let mut links = Box::pin(netlink::link_events()?);
@@ -826,16 +906,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, leaving the data path in place"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: exiting, leaving the data path in place"); break; }
-            _ = tick.tick() => { dirty = true; links_dirty = true; }
+            _ = tick.tick() => { dirty = true; links_dirty = true; agent.plumbing_due = true; }
             _ = status_tick.tick() => { agent.publish_status(); }
             _ = rotation_tick.tick(), if agent.rotation.is_some() => { agent.report_rotation(&client).await; }
             t = rx.recv() => {
                 let Some(t) = t else { anyhow::bail!("event sources ended") };
                 let mut pending = vec![t];
-                // Coalesce a burst.
+                // Coalesce a burst. A completed (re-)list is a whole snapshot of the cluster:
+                // nothing left to wait for, so it ends the window.
                 let deadline = tokio::time::sleep(DEBOUNCE);
                 tokio::pin!(deadline);
                 loop {
+                    if pending.last().is_some_and(Trigger::completes_list) {
+                        break;
+                    }
                     tokio::select! {
                         _ = &mut deadline => break,
                         more = rx.recv() => match more { Some(m) => pending.push(m), None => break },
@@ -843,15 +927,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 for t in pending {
                     match t {
-                        Trigger::Nodes => { dirty = true; watch_failing = false; }
-                        Trigger::Synced => {
-                            if !agent.synced {
-                                tracing::info!(nodes = reader.state().len(), "initial node list received; stale peers will now be pruned");
+                        Trigger::Node(ev) => match cache.apply(*ev) {
+                            CacheChange::None => {}
+                            CacheChange::Nodes => { dirty = true; watch_failing = false; }
+                            CacheChange::Synced => {
+                                if !agent.synced {
+                                    tracing::info!(nodes = cache.nodes().len(), "initial node list received; stale peers will now be pruned");
+                                }
+                                agent.synced = true;
+                                dirty = true;
+                                watch_failing = false;
                             }
-                            agent.synced = true;
-                            dirty = true;
-                            watch_failing = false;
-                        }
+                        },
                         Trigger::WatchError(e) => {
                             if !watch_failing {
                                 tracing::warn!(error = %e, "node watch failed; retrying with backoff, the data path stays as it is");
@@ -867,15 +954,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %format!("{e:#}"), "cannot list pod interfaces");
         }
         if dirty {
-            let nodes: Vec<NodeRecord> = reader
-                .state()
-                .iter()
-                .map(|n| discovery::node_record(n))
-                .collect();
+            let nodes = cache.nodes();
             if nodes.is_empty() && !agent.synced {
                 continue;
             }
-            agent.reconcile(&client, &nodes).await;
+            agent.reconcile(&client, nodes).await;
         }
     }
     Ok(())

@@ -1,14 +1,16 @@
 //! The cluster side: a kube-rs client (kubeconfig or in-cluster), reading Nodes into
 //! [`NodeRecord`]s, and publishing this node's identity as annotations on its own Node.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{borrow::Cow, collections::BTreeMap, path::Path};
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::{ClusterResourceScope, api::core::v1::Node};
 use kube::{
-    Api, Client, Config,
-    api::{Patch, PatchParams},
+    Api, Client, Config, Resource,
+    api::{ObjectMeta, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
+    runtime::watcher,
 };
+use serde::Deserialize;
 use wgmesh_api::{
     NodeRecord, PublicKey,
     annotations::{
@@ -98,6 +100,201 @@ pub fn node_record(node: &Node) -> NodeRecord {
         annotations,
         internal_ips,
         pod_cidrs,
+    }
+}
+
+/// A Node as the agent watches it: only the fields [`node_record`] reads are decoded, everything
+/// else (managedFields, conditions, images, labels ...) is skipped while parsing, so a list page
+/// or a watch event never materialises it. Read through the same API path and kind as [`Node`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SlimNode {
+    #[serde(default, deserialize_with = "slim_metadata")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<SlimNodeSpec>,
+    #[serde(default)]
+    pub status: Option<SlimNodeStatus>,
+}
+
+/// `spec` of a [`SlimNode`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlimNodeSpec {
+    #[serde(default, rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
+}
+
+/// `status` of a [`SlimNode`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SlimNodeStatus {
+    #[serde(default)]
+    pub addresses: Option<Vec<SlimNodeAddress>>,
+}
+
+/// One of `status.addresses`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SlimNodeAddress {
+    #[serde(rename = "type", default)]
+    pub type_: String,
+    #[serde(default)]
+    pub address: String,
+}
+
+/// The metadata fields kept: what [`node_record`] reads plus what the watcher needs (name and
+/// resourceVersion; uid for identity).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMetadata {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    resource_version: Option<String>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+fn slim_metadata<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = Option::<SlimMetadata>::deserialize(d)?;
+    Ok(m.map(|m| ObjectMeta {
+        name: m.name,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        annotations: m.annotations,
+        ..Default::default()
+    })
+    .unwrap_or_default())
+}
+
+impl Resource for SlimNode {
+    type DynamicType = ();
+    type Scope = ClusterResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Node")
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("nodes")
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl SlimNode {
+    /// The same record [`node_record`] reads from the full Node.
+    pub fn into_record(self) -> NodeRecord {
+        let internal_ips = self
+            .status
+            .and_then(|s| s.addresses)
+            .map(|addrs| {
+                addrs
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pod_cidrs = self
+            .spec
+            .map(|s| match (s.pod_cidrs, s.pod_cidr) {
+                (Some(list), _) if !list.is_empty() => list,
+                (_, Some(one)) => vec![one],
+                _ => Vec::new(),
+            })
+            .unwrap_or_default();
+        NodeRecord {
+            name: self.metadata.name.unwrap_or_default(),
+            annotations: self.metadata.annotations.unwrap_or_default(),
+            internal_ips,
+            pod_cidrs,
+        }
+    }
+}
+
+/// The agent's cache of Nodes, as [`NodeRecord`]s sorted by name, fed by the watcher's events
+/// with the reflector's semantics: a (re-)list is buffered and replaces the cache only when it is
+/// complete, so a relist never shows a partial cluster.
+#[derive(Debug, Default)]
+pub struct NodeCache {
+    nodes: Vec<NodeRecord>,
+    relist: Option<Vec<NodeRecord>>,
+}
+
+/// What a watcher event changed in a [`NodeCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheChange {
+    /// Nothing visible yet (a list in progress).
+    None,
+    /// A Node was added, changed or deleted.
+    Nodes,
+    /// A (re-)list completed and replaced the cache.
+    Synced,
+}
+
+impl NodeCache {
+    /// The cached Nodes, sorted by name.
+    pub fn nodes(&self) -> &[NodeRecord] {
+        &self.nodes
+    }
+
+    /// Applies one watcher event.
+    pub fn apply(&mut self, event: watcher::Event<SlimNode>) -> CacheChange {
+        match event {
+            watcher::Event::Init => {
+                self.relist = Some(Vec::new());
+                CacheChange::None
+            }
+            watcher::Event::InitApply(n) => {
+                self.relist
+                    .get_or_insert_with(Vec::new)
+                    .push(n.into_record());
+                CacheChange::None
+            }
+            watcher::Event::InitDone => {
+                let mut nodes = self.relist.take().unwrap_or_default();
+                nodes.sort_by(|a, b| a.name.cmp(&b.name));
+                nodes.dedup_by(|b, a| {
+                    // The last one listed wins.
+                    if a.name == b.name {
+                        std::mem::swap(a, b);
+                        true
+                    } else {
+                        false
+                    }
+                });
+                nodes.shrink_to_fit();
+                self.nodes = nodes;
+                CacheChange::Synced
+            }
+            watcher::Event::Apply(n) => {
+                let rec = n.into_record();
+                match self.nodes.binary_search_by(|r| r.name.cmp(&rec.name)) {
+                    Ok(i) => self.nodes[i] = rec,
+                    Err(i) => self.nodes.insert(i, rec),
+                }
+                CacheChange::Nodes
+            }
+            watcher::Event::Delete(n) => {
+                let name = n.metadata.name.unwrap_or_default();
+                if let Ok(i) = self.nodes.binary_search_by(|r| r.name.cmp(&name)) {
+                    self.nodes.remove(i);
+                }
+                CacheChange::Nodes
+            }
+        }
     }
 }
 
@@ -251,6 +448,151 @@ mod tests {
         );
         assert_eq!(r.pod_cidrs, vec!["198.18.1.0/24"]);
         assert_eq!(r.annotations.len(), 1);
+    }
+
+    /// What a real kube-apiserver sends for a Node (kubelet-registered, node-ipam CIDRs,
+    /// managedFields, conditions, images ...), trimmed to stay readable.
+    const FULL_NODE_JSON: &str = r#"{
+      "kind": "Node", "apiVersion": "v1",
+      "metadata": {
+        "name": "worker-1", "uid": "5d0c6f3a-1111-2222-3333-444455556666",
+        "resourceVersion": "918273", "creationTimestamp": "2026-11-20T10:00:00Z",
+        "labels": {"kubernetes.io/hostname": "worker-1", "kubernetes.io/os": "linux"},
+        "annotations": {
+          "node.alpha.kubernetes.io/ttl": "0",
+          "wgmesh.io/public-key": "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=",
+          "wgmesh.io/listen-port": "51820"
+        },
+        "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+          "time": "2026-11-20T10:00:00Z", "fieldsType": "FieldsV1",
+          "fieldsV1": {"f:metadata": {"f:labels": {".": {}, "f:kubernetes.io/os": {}}}}}]
+      },
+      "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"],
+               "providerID": "kind://docker/kind/worker-1",
+               "taints": [{"key": "node-role.kubernetes.io/control-plane", "effect": "NoSchedule"}]},
+      "status": {
+        "capacity": {"cpu": "2", "memory": "8Gi"},
+        "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-11-26T08:00:00Z",
+          "lastTransitionTime": "2026-11-20T10:00:10Z", "reason": "KubeletReady", "message": "ok"}],
+        "addresses": [{"type": "InternalIP", "address": "172.18.0.3"},
+                      {"type": "InternalIP", "address": "fc00:f853:ccd:e793::3"},
+                      {"type": "Hostname", "address": "worker-1"}],
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        "nodeInfo": {"machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6.18",
+          "osImage": "Debian", "containerRuntimeVersion": "containerd://2.1", "kubeletVersion": "v1.36.0",
+          "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+        "images": [{"names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 320368}]
+      }
+    }"#;
+
+    fn slim_and_full_agree(json: &str) -> NodeRecord {
+        let full: Node = serde_json::from_str(json).expect("a Node");
+        let slim: SlimNode = serde_json::from_str(json).expect("a SlimNode");
+        assert_eq!(slim.metadata.name, full.metadata.name);
+        assert_eq!(
+            slim.metadata.resource_version,
+            full.metadata.resource_version
+        );
+        assert_eq!(slim.metadata.uid, full.metadata.uid);
+        assert!(slim.metadata.managed_fields.is_none() && slim.metadata.labels.is_none());
+        let record = slim.into_record();
+        assert_eq!(record, node_record(&full));
+        record
+    }
+
+    #[test]
+    fn slim_node_reads_a_full_api_node_like_the_full_type() {
+        let r = slim_and_full_agree(FULL_NODE_JSON);
+        assert_eq!(r.name, "worker-1");
+        assert_eq!(r.pod_cidrs, vec!["10.244.1.0/24", "fd00:10:244:1::/64"]);
+        assert_eq!(r.internal_ips.len(), 2);
+        assert_eq!(r.annotations.len(), 3);
+    }
+
+    #[test]
+    fn slim_node_reads_the_stand_ins_nodes_like_the_full_type() {
+        // As the API stand-in lists them: no kind/apiVersion on list items.
+        let json = r#"{"metadata":{"name":"bench-0007","uid":"u","resourceVersion":"12",
+            "labels":{"kubernetes.io/hostname":"bench-0007"},
+            "annotations":{"wgmesh.io/public-key":"AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM="},
+            "managedFields":[{"manager":"wgmesh-apiserver","operation":"Update"}]},
+            "spec":{"podCIDR":"198.19.0.8/29","podCIDRs":["198.19.0.8/29"]},
+            "status":{"addresses":[{"type":"InternalIP","address":"192.0.2.107"},
+              {"type":"Hostname","address":"bench-0007"}],
+              "conditions":[{"type":"Ready","status":"True"}]}}"#;
+        let r = slim_and_full_agree(json);
+        assert_eq!(r.pod_cidrs, vec!["198.19.0.8/29"]);
+    }
+
+    #[test]
+    fn slim_node_and_node_record_agree_on_edge_cases() {
+        let cases = [
+            // Nothing but a name.
+            r#"{"metadata":{"name":"bare"}}"#,
+            // No metadata at all.
+            r#"{}"#,
+            // podCIDR only; podCIDRs empty falls back to podCIDR.
+            r#"{"metadata":{"name":"a"},"spec":{"podCIDR":"10.0.0.0/24"}}"#,
+            r#"{"metadata":{"name":"a"},"spec":{"podCIDR":"10.0.0.0/24","podCIDRs":[]}}"#,
+            // Explicit nulls.
+            r#"{"metadata":{"name":"a","annotations":null},"spec":null,"status":null}"#,
+            r#"{"metadata":{"name":"a"},"spec":{"podCIDR":null,"podCIDRs":null},"status":{"addresses":null}}"#,
+            // An unparsable InternalIP is skipped; other address types are ignored.
+            r#"{"metadata":{"name":"a"},"status":{"addresses":[{"type":"InternalIP","address":"nope"},
+               {"type":"ExternalIP","address":"203.0.113.1"},{"type":"InternalIP","address":"192.0.2.1"}]}}"#,
+            // Deleting (deletionTimestamp set) reads the same.
+            r#"{"metadata":{"name":"a","deletionTimestamp":"2026-11-26T08:00:00Z","finalizers":["x"]}}"#,
+        ];
+        for json in cases {
+            slim_and_full_agree(json);
+        }
+    }
+
+    fn event(name: &str, port: &str) -> SlimNode {
+        let json = serde_json::json!({"metadata": {"name": name, "resourceVersion": "1",
+            "annotations": {ANNOTATION_LISTEN_PORT: port}}});
+        serde_json::from_value(json).expect("a SlimNode")
+    }
+
+    fn names(c: &NodeCache) -> Vec<(&str, &str)> {
+        c.nodes()
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    r.annotations[ANNOTATION_LISTEN_PORT].as_str(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn node_cache_follows_the_watcher_like_the_reflector() {
+        use watcher::Event;
+        let mut c = NodeCache::default();
+        assert_eq!(c.apply(Event::Init), CacheChange::None);
+        assert_eq!(
+            c.apply(Event::InitApply(event("b", "1"))),
+            CacheChange::None
+        );
+        assert_eq!(
+            c.apply(Event::InitApply(event("a", "1"))),
+            CacheChange::None
+        );
+        assert!(c.nodes().is_empty(), "a list in progress is not visible");
+        assert_eq!(c.apply(Event::InitDone), CacheChange::Synced);
+        assert_eq!(names(&c), [("a", "1"), ("b", "1")]);
+        assert_eq!(c.apply(Event::Apply(event("c", "1"))), CacheChange::Nodes);
+        assert_eq!(c.apply(Event::Apply(event("a", "2"))), CacheChange::Nodes);
+        assert_eq!(c.apply(Event::Delete(event("b", "1"))), CacheChange::Nodes);
+        assert_eq!(c.apply(Event::Delete(event("zz", "1"))), CacheChange::Nodes);
+        assert_eq!(names(&c), [("a", "2"), ("c", "1")]);
+        // A relist (after a 410) keeps the old state visible until it is complete, then replaces it.
+        c.apply(Event::Init);
+        c.apply(Event::InitApply(event("d", "1")));
+        assert_eq!(names(&c), [("a", "2"), ("c", "1")]);
+        assert_eq!(c.apply(Event::InitDone), CacheChange::Synced);
+        assert_eq!(names(&c), [("d", "1")]);
     }
 
     #[test]

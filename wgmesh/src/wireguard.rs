@@ -167,7 +167,7 @@ impl WgDevice for FakeDevice {
     }
 }
 
-#[cfg(test)]
+/// How the device shows a peer just added from `p` (no handshake, no traffic yet).
 pub fn observed_from_spec(p: &PeerSpec) -> ObservedPeer {
     ObservedPeer {
         endpoint: Some(p.endpoint),

@@ -27,7 +27,11 @@ fn full(bytes: impl Into<Bytes>) -> RespBody {
 }
 
 fn json_response(status: u16, v: &Value) -> Response<RespBody> {
-    let mut body = serde_json::to_vec(v).unwrap_or_default();
+    json_bytes_response(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+/// A JSON answer from already encoded bytes.
+fn json_bytes_response(status: u16, mut body: Vec<u8>) -> Response<RespBody> {
     body.push(b'\n');
     let mut r = Response::new(full(body));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -321,8 +325,8 @@ async fn serve_api(
                 resource_version: param(q, "resourceVersion").map(String::from),
                 resource_version_match: param(q, "resourceVersionMatch").map(String::from),
             };
-            let list = state.store().list(&lp)?;
-            Ok(json_response(200, &list))
+            let body = state.store().list_body(&lp)?;
+            Ok(json_bytes_response(200, body))
         }
         (Route::Nodes, Verb::Create) => {
             let opts = write_options(&req, q)?;

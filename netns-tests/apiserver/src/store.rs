@@ -2,10 +2,14 @@
 //! window of watch events, and every write (create, update, patch, apply, delete) as a pure
 //! synchronous operation. The HTTP layer only parses requests and formats answers.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use base64::Engine as _;
+use bytes::Bytes;
+use serde::ser::{Serialize, SerializeMap as _, Serializer};
 use serde_json::{Map, Value, json};
 
 use crate::managed::{self, ApplyOptions};
@@ -130,10 +134,107 @@ pub struct ListParams {
     pub resource_version_match: Option<String>,
 }
 
+/// A stored Node: the object (shared with the watch history) and its list-item JSON, encoded once
+/// per write so that serving a list page is a concatenation, not a clone and a re-encode.
+#[derive(Debug)]
+struct Stored {
+    value: Arc<Value>,
+    item_json: Bytes,
+}
+
+impl Stored {
+    fn new(value: Value) -> Self {
+        let item_json = Bytes::from(serde_json::to_vec(&ListItem(&value)).unwrap_or_default());
+        Self {
+            value: Arc::new(value),
+            item_json,
+        }
+    }
+}
+
+/// A Node as a list item: real list responses carry no `kind`/`apiVersion` on their items.
+struct ListItem<'a>(&'a Value);
+
+impl Serialize for ListItem<'_> {
+    fn serialize<S: Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::Object(m) => {
+                let mut map = ser.serialize_map(None)?;
+                for (k, v) in m.iter().filter(|(k, _)| *k != "kind" && *k != "apiVersion") {
+                    map.serialize_entry(k, v)?;
+                }
+                map.end()
+            }
+            other => other.serialize(ser),
+        }
+    }
+}
+
+/// One item of a list page: the current object (JSON cached) or an older one from the history
+/// (a continued list whose snapshot has changed since).
+#[derive(Clone, Copy)]
+enum PageItem<'a> {
+    Current(&'a Stored),
+    Old(&'a Value),
+}
+
+impl PageItem<'_> {
+    fn value(&self) -> &Value {
+        match self {
+            PageItem::Current(s) => &s.value,
+            PageItem::Old(v) => v,
+        }
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            PageItem::Current(s) => out.extend_from_slice(&s.item_json),
+            PageItem::Old(v) => {
+                let _ = serde_json::to_writer(&mut *out, &ListItem(v));
+            }
+        }
+    }
+}
+
+/// A list page before it is encoded.
+struct Page<'a> {
+    meta: Map<String, Value>,
+    items: Vec<PageItem<'a>>,
+}
+
+/// Walks the current Nodes (from `start`) merged with the `overrides` (the state at an older RV
+/// of the Nodes changed since: `None` = did not exist then), in name order.
+fn merged<'a, 'k>(
+    current: impl Iterator<Item = (&'k String, &'a Stored)>,
+    overrides: impl Iterator<Item = (&'k str, Option<&'a Value>)>,
+) -> impl Iterator<Item = PageItem<'a>> {
+    let mut cur = current.peekable();
+    let mut ov = overrides.peekable();
+    std::iter::from_fn(move || {
+        loop {
+            let order = match (cur.peek(), ov.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => Ordering::Less,
+                (None, Some(_)) => Ordering::Greater,
+                (Some((a, _)), Some((b, _))) => a.as_str().cmp(b),
+            };
+            if order == Ordering::Less {
+                return cur.next().map(|(_, s)| PageItem::Current(s));
+            }
+            if order == Ordering::Equal {
+                cur.next();
+            }
+            if let Some((_, Some(old))) = ov.next() {
+                return Some(PageItem::Old(old));
+            }
+        }
+    })
+}
+
 /// The store. All methods are synchronous; the server wraps it in a mutex.
 #[derive(Debug)]
 pub struct Store {
-    nodes: BTreeMap<String, Value>,
+    nodes: BTreeMap<String, Stored>,
     rv: u64,
     history: VecDeque<HistoryEvent>,
     /// A watch from an RV >= `floor` can be served from `history`.
@@ -295,23 +396,28 @@ impl Store {
     fn commit(&mut self, name: &str, new: Option<Value>, kind: EventKind) -> Value {
         self.rv += 1;
         let rv = self.rv;
-        let old = self.nodes.get(name).cloned().map(Arc::new);
+        let old = self.nodes.get(name).map(|s| s.value.clone());
         let object = match new {
             Some(mut obj) => {
                 set_meta(&mut obj, "resourceVersion", json!(rv.to_string()));
-                self.nodes.insert(name.to_string(), obj.clone());
-                obj
+                let stored = Stored::new(obj);
+                let object = stored.value.clone();
+                self.nodes.insert(name.to_string(), stored);
+                object
             }
             None => {
-                let mut last = self.nodes.remove(name).unwrap_or_else(|| json!({}));
+                let mut last = self
+                    .nodes
+                    .remove(name)
+                    .map_or_else(|| json!({}), |s| (*s.value).clone());
                 set_meta(&mut last, "resourceVersion", json!(rv.to_string()));
-                last
+                Arc::new(last)
             }
         };
         self.history.push_back(HistoryEvent {
             rv,
             kind,
-            object: Arc::new(object.clone()),
+            object: object.clone(),
             old,
         });
         while self.history.len() > self.window {
@@ -319,7 +425,7 @@ impl Store {
                 self.floor = e.rv;
             }
         }
-        object
+        Arc::unwrap_or_clone(object)
     }
 
     /// Events with RV > `rv`, plus the current RV; 410 Expired when they are no longer kept.
@@ -338,46 +444,85 @@ impl Store {
     pub fn matching(&self, sel: &Selector) -> Vec<Value> {
         self.nodes
             .values()
-            .filter(|n| sel.matches(n))
-            .cloned()
+            .filter(|n| sel.matches(&n.value))
+            .map(|n| (*n.value).clone())
             .collect()
     }
 
-    /// The Nodes as they were at `rv` (for consistent pagination), rebuilt from the history.
-    fn snapshot_at(&self, rv: u64) -> Result<BTreeMap<String, Value>, ApiError> {
+    /// How the Nodes changed since `rv` differ from their state at `rv` (for consistent
+    /// pagination): for each Node written after `rv`, its state then (`None`: it did not exist).
+    fn overrides_since(&self, rv: u64) -> Result<BTreeMap<&str, Option<&Value>>, ApiError> {
         if rv < self.floor {
             return Err(ApiError::expired(format!(
                 "too old resource version: {rv} ({})",
                 self.floor
             )));
         }
-        let mut snap = self.nodes.clone();
+        let mut out = BTreeMap::new();
+        // Newest first: the earliest write after `rv` wins, its `old` is the state at `rv`.
         for e in self.history.iter().rev().take_while(|e| e.rv > rv) {
-            let name = meta_str(&e.object, "name").unwrap_or("").to_string();
+            let name = meta_str(&e.object, "name").unwrap_or("");
             match (&e.kind, &e.old) {
                 (EventKind::Added, _) => {
-                    snap.remove(&name);
+                    out.insert(name, None);
                 }
                 (_, Some(old)) => {
-                    snap.insert(name, (**old).clone());
+                    out.insert(name, Some(&**old));
                 }
                 (_, None) => {}
             }
         }
-        Ok(snap)
+        Ok(out)
     }
 
     /// `GET /api/v1/nodes/{name}`.
     pub fn get(&self, name: &str) -> Result<Value, ApiError> {
         self.nodes
             .get(name)
-            .cloned()
+            .map(|s| (*s.value).clone())
             .ok_or_else(|| ApiError::not_found(NODES, name))
     }
 
     /// `GET /api/v1/nodes`: a NodeList with the semantics of the real server for
     /// resourceVersion / resourceVersionMatch / limit / continue.
     pub fn list(&self, p: &ListParams) -> Result<Value, ApiError> {
+        let page = self.list_page(p)?;
+        let items: Vec<Value> = page
+            .items
+            .iter()
+            .map(|i| serde_json::to_value(ListItem(i.value())).unwrap_or_default())
+            .collect();
+        Ok(json!({"kind": "NodeList", "apiVersion": "v1", "metadata": page.meta, "items": items}))
+    }
+
+    /// [`Store::list`] encoded as the response body (the same bytes `serde_json` writes for it),
+    /// assembled from each Node's cached JSON.
+    pub fn list_body(&self, p: &ListParams) -> Result<Vec<u8>, ApiError> {
+        let page = self.list_page(p)?;
+        let meta = serde_json::to_vec(&page.meta).unwrap_or_default();
+        let size: usize = page
+            .items
+            .iter()
+            .map(|i| match i {
+                PageItem::Current(s) => s.item_json.len() + 1,
+                PageItem::Old(_) => 2048,
+            })
+            .sum();
+        let mut out = Vec::with_capacity(size + meta.len() + 64);
+        out.extend_from_slice(br#"{"apiVersion":"v1","items":["#);
+        for (i, item) in page.items.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            item.write_json(&mut out);
+        }
+        out.extend_from_slice(br#"],"kind":"NodeList","metadata":"#);
+        out.extend_from_slice(&meta);
+        out.push(b'}');
+        Ok(out)
+    }
+
+    fn list_page(&self, p: &ListParams) -> Result<Page<'_>, ApiError> {
         let rv_param = p.resource_version.as_deref().filter(|s| !s.is_empty());
         let rvm = p
             .resource_version_match
@@ -414,7 +559,7 @@ impl Store {
                     ));
                 }
                 let (rv, start) = decode_continue(token)?;
-                let snap = self.snapshot_at(rv).map_err(|_| {
+                let snap = self.overrides_since(rv).map_err(|_| {
                     ApiError::expired(
                         "The provided continue parameter is too old to display a consistent list result. \
                          You can start a new list without the continue parameter.",
@@ -444,45 +589,39 @@ impl Store {
                         "message": "Too large resource version"}], "retryAfterSeconds": 1})));
                 }
                 match exact {
-                    Some(n) => (n, self.snapshot_at(n)?, None),
-                    None => (self.rv, self.nodes.clone(), None),
+                    Some(n) => (n, self.overrides_since(n)?, None),
+                    None => (self.rv, BTreeMap::new(), None),
                 }
             }
         };
-        let mut items: Vec<&Value> = snapshot
-            .iter()
-            .filter(|(name, _)| start.as_deref().is_none_or(|s| name.as_str() >= s))
-            .map(|(_, v)| v)
-            .filter(|v| p.selector.matches(v))
-            .collect();
+        let from = start.as_deref().unwrap_or("");
+        let current = self
+            .nodes
+            .range::<str, _>((Bound::Included(from), Bound::Unbounded));
+        let overrides = snapshot.range::<str, _>((Bound::Included(from), Bound::Unbounded));
+        let mut matching = merged(current, overrides.map(|(k, v)| (*k, *v)))
+            .filter(|i| p.selector.matches(i.value()));
+        let mut items: Vec<PageItem<'_>> = match limit {
+            Some(l) => matching.by_ref().take(l).collect(),
+            None => matching.by_ref().collect(),
+        };
         let mut meta = Map::new();
         meta.insert("resourceVersion".into(), json!(snap_rv.to_string()));
-        if let Some(l) = limit
-            && items.len() > l
-        {
-            let remaining = items.len() - l;
-            items.truncate(l);
-            let last = items.last().and_then(|v| meta_str(v, "name")).unwrap_or("");
+        if limit.is_some() && matching.next().is_some() {
+            let last = items
+                .last()
+                .and_then(|v| meta_str(v.value(), "name"))
+                .unwrap_or("");
             meta.insert(
                 "continue".into(),
                 json!(encode_continue(snap_rv, &format!("{last}\u{0}"))),
             );
             if p.selector.is_empty() {
-                meta.insert("remainingItemCount".into(), json!(remaining));
+                meta.insert("remainingItemCount".into(), json!(1 + matching.count()));
             }
         }
-        let items: Vec<Value> = items
-            .into_iter()
-            .map(|v| {
-                let mut v = v.clone();
-                if let Some(m) = v.as_object_mut() {
-                    m.remove("kind");
-                    m.remove("apiVersion");
-                }
-                v
-            })
-            .collect();
-        Ok(json!({"kind": "NodeList", "apiVersion": "v1", "metadata": meta, "items": items}))
+        items.shrink_to_fit();
+        Ok(Page { meta, items })
     }
 
     fn finish(
@@ -733,7 +872,7 @@ impl Store {
         if body.pointer("/metadata/managedFields").is_some() {
             return Err(ApiError::bad_request("metadata.managedFields must be nil"));
         }
-        let old = self.nodes.get(name).cloned();
+        let old = self.nodes.get(name).map(|s| (*s.value).clone());
         let body_rv = meta_str(body, "resourceVersion").filter(|s| !s.is_empty());
         if let Some(rv) = body_rv
             && old
@@ -1063,6 +1202,60 @@ mod tests {
         let all = ok(s.list(&ListParams::default()));
         assert_eq!(all["items"].as_array().map(Vec::len), Some(5));
         assert_eq!(all["metadata"]["resourceVersion"], "8");
+    }
+
+    #[test]
+    fn list_body_is_the_encoded_list_for_current_and_older_snapshots() {
+        let mut s = Store::new(100);
+        for n in ["a", "b", "c", "d", "e"] {
+            ok(s.create(&node(n), &opts("")));
+        }
+        let first = ListParams {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let same = |s: &Store, p: &ListParams| {
+            let body = ok(s.list_body(p));
+            assert_eq!(body, serde_json::to_vec(&ok(s.list(p))).unwrap_or_default());
+            ok(serde_json::from_slice::<Value>(&body)
+                .map_err(|e| ApiError::bad_request(e.to_string())))
+        };
+        let p1 = same(&s, &first);
+        let token = p1["metadata"]["continue"].as_str().map(String::from);
+        ok(s.delete("c", None, false));
+        ok(s.patch(
+            "d",
+            Subresource::Main,
+            PatchKind::Merge,
+            &json!({"metadata": {"labels": {"x": "y"}}}),
+            &opts(""),
+        ));
+        let p2 = same(
+            &s,
+            &ListParams {
+                limit: Some(2),
+                continue_token: token,
+                ..Default::default()
+            },
+        );
+        // the page shows c and d as they were at the first page's RV
+        assert_eq!(p2["items"][0]["metadata"]["name"], "c");
+        assert!(p2["items"][1]["metadata"]["labels"].get("x").is_none());
+        assert!(p2["items"][1].get("kind").is_none());
+        assert_eq!(p2["metadata"]["remainingItemCount"], 1);
+        let all = same(&s, &ListParams::default());
+        assert_eq!(all["items"].as_array().map(Vec::len), Some(4));
+        assert_eq!(all["items"][2]["metadata"]["labels"]["x"], "y");
+        let sel = same(
+            &s,
+            &ListParams {
+                selector: ok(Selector::parse(Some("x=y"), None)),
+                limit: Some(1),
+                ..Default::default()
+            },
+        );
+        assert_eq!(sel["items"].as_array().map(Vec::len), Some(1));
+        assert!(sel["metadata"].get("continue").is_none());
     }
 
     #[test]
