@@ -1301,24 +1301,8 @@ mod control_section {
 
     /// `2026-11-26T06:16:21.306113Z` as seconds since the epoch.
     pub fn parse_rfc3339(s: &str) -> Option<f64> {
-        let (date, time) = s.strip_suffix('Z')?.split_once('T')?;
-        let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-        let (y, m, day) = (d.next()??, d.next()??, d.next()??);
-        let mut t = time.split(':');
-        let (hh, mm) = (
-            t.next()?.parse::<i64>().ok()?,
-            t.next()?.parse::<i64>().ok()?,
-        );
-        let ss: f64 = t.next()?.parse().ok()?;
-        // Howard Hinnant's days-from-civil.
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + day - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        Some((days * 86_400 + hh * 3_600 + mm * 60) as f64 + ss)
+        let t: jiff::Timestamp = s.parse().ok()?;
+        Some(t.as_nanosecond() as f64 / 1e9)
     }
 
     /// (time, text) of the agent log lines since the harness last started it.

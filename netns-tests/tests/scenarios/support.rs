@@ -106,20 +106,6 @@ pub fn wgmeshctl_on(bed: &Testbed, node: &Node, args: &[&str]) -> Result<(i32, S
 
 /// `2026-11-26T06:03:48Z` → seconds since the epoch.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    let (date, time) = s.trim_end_matches('Z').split_once('T')?;
-    let d: Vec<i64> = date
-        .split('-')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    let t: Vec<i64> = time
-        .split(':')
-        .map(|x| x.parse().ok())
-        .collect::<Option<_>>()?;
-    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    u64::try_from(days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]).ok()
+    let t: jiff::Timestamp = s.parse().ok()?;
+    u64::try_from(t.as_second()).ok()
 }
