@@ -2472,7 +2472,7 @@ mod report {
             let list_s = p["nodes_in_hand_s"].as_f64().unwrap_or(f64::NAN)
                 - p["uplink_guard_attached_s"].as_f64().unwrap_or(f64::NAN);
             notes.push(format!(
-                "**Convergence at {} Nodes** takes {r:.2}× `wg setconf` ({} s from agent start vs {} s). Most of the difference is work the floor does not do: the floor is handed the peers, while the agent first fetches them — between attaching the uplink guard ({} s) and having the Nodes in hand ({} s) it spent {list_s:.2} s listing {} Nodes of ~{} bytes each in {} pages from the API stand-in (CPU until converged: agent {} s, stand-in {} s, device {} s). The agent's own work once it has the Nodes — computing the peers, adding them to the device, writing the eBPF maps — took {} s, {}× the floor. Fixed start-up (device process, eBPF load and attach) is {} s. {}",
+                "**Convergence at {} Nodes** takes {r:.2}× `wg setconf` ({} s from agent start vs {} s). The floor is handed the peers; the agent first starts (device process, eBPF load and attach: {} s, during which the Node list already runs), has the Nodes in hand at {} s ({list_s:.2} s after the attach; {} Nodes of ~{} bytes in {} pages from the API stand-in), then computes the peers, adds them to the device and writes the eBPF maps in {} s, {}× the floor (CPU until converged: agent {} s, stand-in {} s, device {} s). {}",
                 last["nodes"],
                 f(&last["converged_s"], 2),
                 f(&last["floor_setconf_s"], 2),
@@ -2481,16 +2481,15 @@ mod report {
                 last["nodes"],
                 f(&last["node_json_bytes"], 0),
                 f(&last["startup_by_verb"]["list"], 0),
+                f(&last["programming_s"], 2),
+                f(&last["programming_ratio_to_floor"], 2),
                 f(&last["agent_cpu_s_to_converge"], 2),
                 f(&last["apiserver_cpu_s_to_converge"], 2),
                 f(&last["device_cpu_s_to_converge"], 2),
-                f(&last["programming_s"], 2),
-                f(&last["programming_ratio_to_floor"], 2),
-                f(&p["uplink_guard_attached_s"], 2),
                 if last["programming_ratio_to_floor"].as_f64().is_some_and(|x| x <= 1.5) {
-                    "So the target is missed on fetching the Nodes, which depends on the API server (a real kube-apiserver serves paged lists from its watch cache) and on the shared cores; the agent's own part is within 1.5× of the floor."
+                    "The agent's own part is within 1.5× of the floor; what is left over is the fixed start-up and the wait for the Nodes, on cores shared with the stand-in and the device."
                 } else {
-                    "Even without the listing, the agent's own part is more than 1.5× the floor."
+                    "Even without start-up and the listing, the agent's own part is more than 1.5× the floor."
                 },
             ));
         }
@@ -2508,7 +2507,7 @@ mod report {
             );
             let (r0, r1) = (first["agent_peak_rss_mib"].as_f64().unwrap_or(f64::NAN), x);
             notes.push(format!(
-                "**Agent peak RSS** is {x:.1} MiB at {n1} Nodes ({:.0}% over 64 MB); it is {r0:.1} MiB at {n0} Nodes, so each Node costs about {:.1} KiB of agent memory against ~{} bytes of JSON in the API; VmRSS after the run is {} MiB. From the code (not profiled here): the kube reflector caches every Node object in full (metadata with managedFields, status with conditions), and every reconcile rebuilds a record per Node, the desired peer set, the device's parsed peer dump and the `/status` document listing every peer. Caching only the fields wgmesh reads (dropping managedFields, conditions and the like before the reflector stores a Node) is the lever to try.",
+                "**Agent peak RSS** is {x:.1} MiB at {n1} Nodes ({:.0}% over 64 MB); it is {r0:.1} MiB at {n0} Nodes, so each Node costs about {:.1} KiB of agent memory against ~{} bytes of JSON in the API; VmRSS after the run is {} MiB. The agent keeps one slim record per Node (only the fields it reads); what else grows with N is the desired peer set, the device's parsed peer dump and the `/status` document listing every peer.",
                 (x / 64.0 - 1.0) * 100.0,
                 (r1 - r0) * 1024.0 / (n1 - n0),
                 f(&last["node_json_bytes"], 0),
@@ -2528,7 +2527,7 @@ mod report {
         for k in ["rotate_sender_node", "rotate_receiver_node"] {
             if ds[k]["pings_lost_max"].as_f64().is_some_and(|l| l > 10.0) {
                 notes.push(format!(
-                    "**`{k}` lost more than 10 packets** (max {}): a rotation replaces the peer (remove + add: boringtun cannot update a peer in place), and packets sent before the handshake with the new key completes are dropped.",
+                    "**`{k}` lost more than 10 packets** (max {}): a new key is a new peer on every other node (remove + add), and packets that arrive before the handshake with the new key completes are dropped.",
                     ds[k]["pings_lost_max"]
                 ));
             }
