@@ -667,14 +667,14 @@ fn handle_datagram(
         }
         TunnResult::WriteToTunnelV4(p, a) => {
             let len = p.len();
-            if !allowed_from(st, &peer, IpAddr::V4(a)) {
+            if !allowed_from(st, peer, IpAddr::V4(a)) {
                 return;
             }
             accept(arena, start, len);
         }
         TunnResult::WriteToTunnelV6(p, a) => {
             let len = p.len();
-            if !allowed_from(st, &peer, IpAddr::V6(a)) {
+            if !allowed_from(st, peer, IpAddr::V6(a)) {
                 return;
             }
             accept(arena, start, len);
