@@ -403,7 +403,7 @@ impl DeviceHandle {
         let sh = Arc::clone(&shared);
         threads.push(spawn(
             "wg-ctl".into(),
-            Box::new(move || control_loop(&sh, listener, ino, cfg.handle_signals)),
+            Box::new(move || control_loop(sh, listener, ino, cfg.handle_signals)),
         )?);
         tracing::info!(
             ifname = name,
@@ -738,7 +738,7 @@ fn write_tun(
 
 // === control: UAPI, timers, exit ===
 
-fn control_loop(sh: &Shared, listener: UnixListener, ino: u64, handle_signals: bool) {
+fn control_loop(sh: Arc<Shared>, listener: UnixListener, ino: u64, handle_signals: bool) {
     let mut last_tick = Instant::now();
     let mut last_check = Instant::now();
     let mut buf = vec![0u8; 65_536 + 64];
@@ -754,14 +754,23 @@ fn control_loop(sh: &Shared, listener: UnixListener, ino: u64, handle_signals: b
             && ready[0]
         {
             while let Ok((stream, _)) = listener.accept() {
-                if let Err(e) = serve_uapi(sh, stream) {
-                    tracing::debug!(error = %e, "UAPI connection failed");
+                // A thread per connection: a stalled client must not hold up the timers.
+                let sh2 = Arc::clone(&sh);
+                let spawned = std::thread::Builder::new()
+                    .name("wg-uapi".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_uapi(&sh2, stream) {
+                            tracing::debug!(error = %e, "UAPI connection failed");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a UAPI connection thread");
                 }
             }
         }
         if last_tick.elapsed() >= TIMER_TICK {
             last_tick = Instant::now();
-            run_timers(sh, &mut buf);
+            run_timers(&sh, &mut buf);
         }
         if last_check.elapsed() >= SOCKET_CHECK {
             last_check = Instant::now();

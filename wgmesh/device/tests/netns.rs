@@ -114,6 +114,8 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
     let veth = [format!("wdv{tag}a"), format!("wdv{tag}b")];
     let under = ["192.0.2.1", "192.0.2.2"];
     let tunnel = ["198.18.0.1", "198.18.0.2"];
+    // IPv6 inside the tunnel (documentation prefix): the TCPv6 segmentation and coalescing paths.
+    let tunnel6 = ["2001:db8:77::1", "2001:db8:77::2"];
     for i in 0..2 {
         run(&["ip", "netns", "add", &tb.ns[i]]);
         run(&["ip", "-n", &tb.ns[i], "link", "set", "lo", "up"]);
@@ -162,7 +164,7 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
                 "endpoint",
                 &format!("{}:51820", under[o]),
                 "allowed-ips",
-                &format!("{}/32", tunnel[o]),
+                &format!("{}/32,{}/128", tunnel[o], tunnel6[o]),
             ],
         );
         run(&[
@@ -174,6 +176,17 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
             &format!("{}/24", tunnel[i]),
             "dev",
             &tb.ifname[i],
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            &tb.ns[i],
+            "addr",
+            "add",
+            &format!("{}/64", tunnel6[i]),
+            "dev",
+            &tb.ifname[i],
+            "nodad",
         ]);
         run(&[
             "ip",
@@ -195,13 +208,24 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
         &tb.ns[1],
         &["ping", "-c", "3", "-i", "0.2", "-W", "2", tunnel[0]],
     );
+    in_ns(
+        &tb.ns[0],
+        &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", tunnel6[1]],
+    );
 
-    // TCP both ways (-R: the server sends), 50 MB each: exercises TSO split, UDP GSO/GRO and the
+    // TCP both ways (-R: the server sends) and over IPv6, 50 MB each: exercises TSO split, UDP GSO/GRO and the
     // coalesced TUN writes; iperf3 fails on any stall or reset.
-    for reverse in [false, true] {
+    for (server_addr, reverse) in [(tunnel[1], false), (tunnel[1], true), (tunnel6[1], false)] {
         let mut server = Command::new("ip")
             .args([
-                "netns", "exec", &tb.ns[1], "iperf3", "-s", "-1", "-B", tunnel[1],
+                "netns",
+                "exec",
+                &tb.ns[1],
+                "iperf3",
+                "-s",
+                "-1",
+                "-B",
+                server_addr,
             ])
             .stdout(Stdio::null())
             .spawn()
@@ -209,7 +233,7 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
         let mut args = vec![
             "iperf3",
             "-c",
-            tunnel[1],
+            server_addr,
             "-n",
             "50M",
             "--connect-timeout",
@@ -236,13 +260,13 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
         }
         let _ = server.kill();
         let _ = server.wait();
-        assert!(ok, "iperf3 (reverse={reverse}) failed");
+        assert!(ok, "iperf3 to {server_addr} (reverse={reverse}) failed");
     }
     let (ep, hs, rx, tx) = dump(&tb.ns[0], &tb.ifname[0]);
     assert_eq!(ep, format!("{}:51820", under[1]));
     assert!(hs > 0, "a handshake is reported");
     assert!(
-        rx > 50_000_000 && tx > 50_000_000,
+        rx > 50_000_000 && tx > 100_000_000,
         "byte counters count both transfers: rx {rx} tx {tx}"
     );
 
