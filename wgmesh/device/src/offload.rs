@@ -21,6 +21,7 @@ pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
 
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_ACK: u8 = 0x10;
@@ -35,6 +36,8 @@ pub enum OffloadError {
     UnsupportedGso(u8),
     #[error("not a TCP packet over IPv4/IPv6 without extension headers")]
     NotTcp,
+    #[error("not a UDP packet over IPv4/IPv6 without extension headers")]
+    NotUdp,
     #[error("checksum start/offset outside the packet")]
     BadChecksumOffsets,
     #[error("GSO segment size is zero")]
@@ -178,6 +181,7 @@ pub fn gso_split(
 ) -> Result<(), OffloadError> {
     match hdr.gso_type & !GSO_ECN {
         GSO_TCPV4 | GSO_TCPV6 => {}
+        GSO_UDP_L4 => return udp_split(hdr, pkt, out, segs),
         other => return Err(OffloadError::UnsupportedGso(other)),
     }
     let (ip_hlen, tcp_hlen) = tcp_headers(pkt)?;
@@ -223,6 +227,67 @@ pub fn gso_split(
         let sum = pseudo_header_sum(seg, PROTO_TCP, tcp_len) + checksum_add(0, &seg[tcp..]);
         let c = !checksum_fold(sum);
         seg[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
+        segs.push(start..out.len());
+    }
+    Ok(())
+}
+
+/// Splits a UDP super-packet (USO, `GSO_UDP_L4`) into datagrams of `gso_size` payload bytes (the
+/// last may be shorter), each with its own IP and UDP lengths, IPv4 id and checksums.
+fn udp_split(
+    hdr: &VnetHdr,
+    pkt: &[u8],
+    out: &mut Vec<u8>,
+    segs: &mut Vec<Range<usize>>,
+) -> Result<(), OffloadError> {
+    let (min, proto_at, ip_hlen) = match pkt.first().map(|b| b >> 4) {
+        Some(4) => (20, 9, usize::from(pkt[0] & 0x0f) * 4),
+        Some(6) => (40, 6, 40),
+        _ => return Err(OffloadError::NotUdp),
+    };
+    if pkt.len() < min {
+        return Err(OffloadError::Truncated);
+    }
+    if pkt[proto_at] != PROTO_UDP {
+        return Err(OffloadError::NotUdp);
+    }
+    let hlen = ip_hlen + 8;
+    if ip_hlen < 20 || pkt.len() < hlen {
+        return Err(OffloadError::Truncated);
+    }
+    let size = usize::from(hdr.gso_size);
+    if size == 0 {
+        return Err(OffloadError::ZeroSegmentSize);
+    }
+    let payload = &pkt[hlen..];
+    let n = payload.len().div_ceil(size).max(1);
+    let is_v4 = pkt[0] >> 4 == 4;
+    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
+    out.reserve(payload.len() + n * hlen);
+    for i in 0..n {
+        let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
+        let start = out.len();
+        out.extend_from_slice(&pkt[..hlen]);
+        out.extend_from_slice(chunk);
+        let seg = &mut out[start..];
+        let udp_len = 8 + chunk.len();
+        if is_v4 {
+            seg[2..4].copy_from_slice(&((ip_hlen + udp_len) as u16).to_be_bytes());
+            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            ipv4_header_checksum(seg, ip_hlen);
+        } else {
+            seg[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        }
+        seg[ip_hlen + 4..ip_hlen + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        seg[ip_hlen + 6] = 0;
+        seg[ip_hlen + 7] = 0;
+        let sum = pseudo_header_sum(seg, PROTO_UDP, udp_len) + checksum_add(0, &seg[ip_hlen..]);
+        // A computed 0 is sent as all ones (0 means "no checksum" in UDP over IPv4).
+        let c = match !checksum_fold(sum) {
+            0 => 0xffff,
+            c => c,
+        };
+        seg[ip_hlen + 6..ip_hlen + 8].copy_from_slice(&c.to_be_bytes());
         segs.push(start..out.len());
     }
     Ok(())

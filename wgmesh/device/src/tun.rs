@@ -18,6 +18,8 @@ const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 #[repr(C)]
 struct IfReq {
@@ -62,10 +64,18 @@ impl TunQueue {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
-        // SAFETY: TUNSETOFFLOAD takes the flags by value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, offloads as libc::c_ulong) } < 0 {
-            return Err(io::Error::last_os_error());
+        let tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes the flags by value.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // UDP segmentation offload needs Linux 6.2; without it the kernel segments UDP itself.
+        if let Err(e) = set(tso | TUN_F_USO4 | TUN_F_USO6) {
+            tracing::debug!(error = %e, "TUN without USO");
+            set(tso)?;
         }
         Ok(Self { fd })
     }

@@ -171,10 +171,10 @@ fn tso_super_packets_split_into_valid_segments() {
 fn split_refuses_what_it_cannot_handle() {
     let (mut hdr, pkt) = as_tso(tcp_packet(false, 3000, ACK, 1), false, 1000);
     let (mut out, mut segs) = (Vec::new(), Vec::new());
-    hdr.gso_type = GSO_UDP_L4;
+    hdr.gso_type = GSO_UDP;
     assert_eq!(
         gso_split(&hdr, &pkt, &mut out, &mut segs),
-        Err(OffloadError::UnsupportedGso(GSO_UDP_L4))
+        Err(OffloadError::UnsupportedGso(GSO_UDP))
     );
     hdr.gso_type = GSO_TCPV4;
     hdr.gso_size = 0;
@@ -327,4 +327,87 @@ fn a_psh_segment_ends_its_run() {
     let mut runs = Vec::new();
     coalesce_runs(&pkts, &mut runs);
     assert_eq!(runs, vec![0..2, 2..3]);
+}
+
+/// A UDP super-packet as a USO-capable TUN hands it over (checksum = pseudo-header sum).
+fn udp_super(v6: bool, payload: usize, size: u16) -> (VnetHdr, Vec<u8>) {
+    let mut p = Vec::new();
+    let udp_len = 8 + payload;
+    if v6 {
+        p.extend_from_slice(&[0x60, 0, 0, 0]);
+        p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        p.extend_from_slice(&[17, 64]);
+        p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    } else {
+        p.extend_from_slice(&[0x45, 0]);
+        p.extend_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+        p.extend_from_slice(&[0, 7, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
+    }
+    let ip_hlen = p.len();
+    p.extend_from_slice(&[0x30, 0x39, 0x01, 0xbb]);
+    p.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend((0..payload).map(|i| (i % 253) as u8));
+    // pseudo() writes protocol 6; UDP is 17.
+    let mut ps = pseudo(&p, udp_len);
+    if v6 {
+        ps[39] = 17;
+    } else {
+        ps[9] = 17;
+    }
+    let partial = !reference_checksum(&[&ps]);
+    p[ip_hlen + 6..ip_hlen + 8].copy_from_slice(&partial.to_be_bytes());
+    let hdr = VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_UDP_L4,
+        hdr_len: (ip_hlen + 8) as u16,
+        gso_size: size,
+        csum_start: ip_hlen as u16,
+        csum_offset: 6,
+    };
+    (hdr, p)
+}
+
+#[test]
+fn uso_super_packets_split_into_valid_datagrams() {
+    for (v6, payload, size) in [(false, 3500, 1200), (true, 3600, 1200), (false, 100, 1200)] {
+        let (hdr, pkt) = udp_super(v6, payload, size);
+        let (mut out, mut segs) = (Vec::new(), Vec::new());
+        gso_split(&hdr, &pkt, &mut out, &mut segs).expect("splits");
+        let size = usize::from(size);
+        let n = payload.div_ceil(size);
+        assert_eq!(segs.len(), n);
+        let ip_hlen = if v6 { 40 } else { 20 };
+        let mut rebuilt = Vec::new();
+        for (i, r) in segs.iter().enumerate() {
+            let s = &out[r.clone()];
+            let want = if i + 1 == n { payload - i * size } else { size };
+            assert_eq!(s.len(), ip_hlen + 8 + want);
+            let udp_len = usize::from(u16::from_be_bytes([s[ip_hlen + 4], s[ip_hlen + 5]]));
+            assert_eq!(udp_len, 8 + want);
+            let mut ps = pseudo(s, udp_len);
+            if v6 {
+                ps[39] = 17;
+            } else {
+                ps[9] = 17;
+                assert_eq!(reference_checksum(&[&s[..20]]), 0, "IPv4 header checksum");
+                assert_eq!(u16::from_be_bytes([s[4], s[5]]), 7 + i as u16);
+                assert_eq!(usize::from(u16::from_be_bytes([s[2], s[3]])), s.len());
+            }
+            assert_eq!(
+                reference_checksum(&[&ps, &s[ip_hlen..]]),
+                0,
+                "UDP checksum of {i}"
+            );
+            rebuilt.extend_from_slice(&s[ip_hlen + 8..]);
+        }
+        assert_eq!(rebuilt, pkt[ip_hlen + 8..]);
+    }
+    let (hdr, mut pkt) = udp_super(false, 3000, 1000);
+    pkt[9] = 6;
+    assert_eq!(
+        gso_split(&hdr, &pkt, &mut Vec::new(), &mut Vec::new()),
+        Err(OffloadError::NotUdp)
+    );
 }
