@@ -35,7 +35,7 @@ test-unit: ## unit, table and mock tests (no privileges needed)
 	$(CARGO) test --workspace --exclude wgmesh-ebpf
 
 test-netns: build ## (root) scenarios on simulated nodes: real agents, API stand-in, userspace WireGuard
-	$(CARGO) test -p wgmesh-netns-tests -p wgmesh-datapath -- --ignored --test-threads=$(NETNS_THREADS)
+	$(CARGO) test -p wgmesh-netns-tests -p wgmesh-datapath -p wgmesh-device -- --ignored --test-threads=$(NETNS_THREADS)
 
 test-kernel: build ## (root) kernel WireGuard scenarios inside a qemu VM booting Debian's stable kernel
 	bash netns-tests/vm/setup

@@ -144,6 +144,19 @@ pub struct DeviceArgs {
     /// Worker threads of the device.
     #[arg(long, env = "WGMESH_DEVICE_THREADS", default_value_t = 2)]
     pub threads: usize,
+    /// Which userspace WireGuard implementation runs the device. The agent starts the device as a
+    /// child process, which inherits WGMESH_DEVICE_ENGINE.
+    #[arg(long, env = "WGMESH_DEVICE_ENGINE", value_enum, default_value_t = DeviceEngine::Batched)]
+    pub engine: DeviceEngine,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum DeviceEngine {
+    /// wgmesh-device: boringtun's protocol with batched I/O (TSO/GSO/GRO offloads).
+    #[default]
+    Batched,
+    /// boringtun's stock device (one syscall per packet).
+    Boringtun,
 }
 
 #[derive(Debug, Clone, Args)]

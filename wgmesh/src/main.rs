@@ -29,10 +29,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        // The device blocks its thread and handles SIGTERM itself (boringtun's signalfd).
+        // The device blocks its thread and handles SIGTERM itself.
         Command::Device(d) => wgmesh::config::validate_interface(&d.interface)
             .map_err(anyhow::Error::from)
-            .and_then(|()| wgmesh::wireguard::device::run(&d.interface, d.threads)),
+            .and_then(|()| {
+                wgmesh::wireguard::device::run_engine(&d.interface, d.threads, d.engine)
+            }),
         Command::Run(args) => runtime()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(wgmesh::agent::run(*args))),

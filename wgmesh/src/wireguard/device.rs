@@ -1,5 +1,6 @@
-//! The userspace WireGuard device process (`wgmesh-agent device`): boringtun (the defguard fork, the
-//! copy defguard_wireguard_rs embeds) serving a TUN and the UAPI socket. It runs apart from the agent
+//! The userspace WireGuard device process (`wgmesh-agent device`): a TUN and the UAPI socket served
+//! by wgmesh-device (boringtun's protocol with batched, offloaded I/O; the default) or by boringtun's
+//! stock device (the defguard fork, the copy defguard_wireguard_rs embeds; `--engine boringtun`). It runs apart from the agent
 //! (a detached process here, its own container in Kubernetes) so that an agent restart never takes
 //! the tunnel down: Cilium removed its in-agent userspace fallback for exactly that reason.
 
@@ -14,10 +15,16 @@ use std::{
 use defguard_boringtun::device::{DeviceConfig, DeviceHandle};
 
 use super::{Error, uapi::UapiDevice};
+use crate::config::DeviceEngine;
 
-/// Runs the device until it is told to stop (SIGTERM/SIGINT, which boringtun handles itself, or the
-/// removal of its UAPI socket). Blocks the calling thread.
+/// Runs the default engine; see [`run_engine`].
 pub fn run(ifname: &str, threads: usize) -> anyhow::Result<()> {
+    run_engine(ifname, threads, DeviceEngine::default())
+}
+
+/// Runs the device until it is told to stop (SIGTERM/SIGINT, which the device handles itself, or
+/// the removal of its UAPI socket). Blocks the calling thread.
+pub fn run_engine(ifname: &str, threads: usize, engine: DeviceEngine) -> anyhow::Result<()> {
     if UapiDevice::new(ifname).is_alive() {
         anyhow::bail!(
             "a WireGuard device for {ifname} is already running (it answers on {}); not starting a second one",
@@ -25,6 +32,26 @@ pub fn run(ifname: &str, threads: usize) -> anyhow::Result<()> {
         );
     }
     std::fs::create_dir_all(super::uapi::UAPI_DIR)?;
+    if engine == DeviceEngine::Batched {
+        let config = wgmesh_device::DeviceConfig {
+            uapi_dir: super::uapi::UAPI_DIR.into(),
+            ..wgmesh_device::DeviceConfig::with_threads(threads)
+        };
+        let handle = wgmesh_device::DeviceHandle::start(ifname, config).map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "cannot create the userspace WireGuard device {ifname}"
+            ))
+        })?;
+        tracing::info!(ifname, threads, engine = "batched", socket = %super::uapi::socket_path(ifname).display(), "userspace wireguard device running");
+        if let Err(e) = ensure_up(ifname) {
+            handle.stop();
+            handle.wait();
+            return Err(e);
+        }
+        handle.wait();
+        tracing::info!(ifname, "userspace wireguard device stopped");
+        return Ok(());
+    }
     let config = DeviceConfig {
         n_threads: threads.max(1),
         ..DeviceConfig::default()
@@ -32,9 +59,16 @@ pub fn run(ifname: &str, threads: usize) -> anyhow::Result<()> {
     let mut handle = DeviceHandle::new(ifname, config).map_err(|e| {
         anyhow::anyhow!("cannot create the userspace WireGuard device {ifname}: {e:?}")
     })?;
-    tracing::info!(ifname, threads, socket = %super::uapi::socket_path(ifname).display(), "userspace wireguard device running");
-    // The TUN starts down; bring it up so the device is usable on its own. The agent also keeps it up
-    // (and sets the MTU) on every reconcile.
+    tracing::info!(ifname, threads, engine = "boringtun", socket = %super::uapi::socket_path(ifname).display(), "userspace wireguard device running");
+    ensure_up(ifname)?;
+    handle.wait();
+    tracing::info!(ifname, "userspace wireguard device stopped");
+    Ok(())
+}
+
+/// The TUN starts down; bring it up so the device is usable on its own. The agent also keeps it up
+/// (and sets the MTU) on every reconcile.
+fn ensure_up(ifname: &str) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -42,9 +76,6 @@ pub fn run(ifname: &str, threads: usize) -> anyhow::Result<()> {
         let nl = crate::netlink::Netlink::connect()?;
         nl.ensure_up(ifname, None).await.map(|_| ())
     })?;
-    drop(rt);
-    handle.wait();
-    tracing::info!(ifname, "userspace wireguard device stopped");
     Ok(())
 }
 
