@@ -86,6 +86,14 @@ pub enum Error {
         seconds: u64,
         log: PathBuf,
     },
+    #[error(
+        "the userspace device process for {ifname} exited while starting ({status}; see {log})"
+    )]
+    DeviceExited {
+        ifname: String,
+        status: String,
+        log: PathBuf,
+    },
 }
 
 /// Reads a device's state from any thread (a new UAPI connection or netlink socket per read).

@@ -109,21 +109,33 @@ pub fn spawn(ifname: &str, state_dir: &Path) -> Result<(), Error> {
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     let pid = child.id();
-    // Reap it if it exits while we run; after we exit, init adopts it.
+    // Reap it if it exits while we run (and say so while we wait for it); after we exit, init
+    // adopts it.
+    let (exited_tx, exited) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("device-reaper".into())
         .spawn(move || {
-            let _ = child.wait();
+            let status = child.wait();
+            let _ = exited_tx.send(status.map_or_else(|e| e.to_string(), |s| s.to_string()));
         })
         .map_err(spawn_err)?;
     tracing::info!(ifname, pid, log = %log_path.display(), "started userspace wireguard device process");
     let dev = UapiDevice::new(ifname);
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Short polls: the device is usually up within a few tens of milliseconds, and start-up time
+    // is convergence time.
     while Instant::now() < deadline {
         if dev.is_alive() {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        if let Ok(status) = exited.try_recv() {
+            return Err(Error::DeviceExited {
+                ifname: ifname.to_owned(),
+                status,
+                log: log_path,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     Err(Error::DeviceTimeout {
         ifname: ifname.to_owned(),
@@ -144,4 +156,25 @@ pub fn stop(ifname: &str) -> bool {
         }
     }
     alive
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a test, `spawn` starts the test binary itself as `… device --interface <name>`, which
+    /// libtest rejects at once: the start-up must report that exit, not wait out its 10 s.
+    #[test]
+    fn a_device_process_that_exits_at_start_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ifname = format!("wgx{}", std::process::id() % 100_000);
+        let err = spawn(&ifname, dir.path()).unwrap_err();
+        // Not DeviceTimeout: the exit ended the wait.
+        assert!(
+            matches!(err, Error::DeviceExited { .. }),
+            "unexpected error: {err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(&ifname) && msg.contains("device.log"), "{msg}");
+    }
 }
