@@ -1,40 +1,10 @@
 //! The benchmark harness itself, at tiny sizes, so that `make bench` cannot rot unnoticed:
 //! `wgmesh-bench all --quick` must finish, and every section must come back with numbers.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
-};
+use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
-
-/// `wgmesh-bench-ebpf` lives in a workspace of its own (`bench/ebpf`, so that it can link the
-/// datapath crate); build it into a target directory of its own, next to this test's.
-fn ebpf_runner() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("WGMESH_BENCH_EBPF_BIN") {
-        return Ok(bin.into());
-    }
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("repository root")?;
-    let exe = std::env::current_exe()?;
-    // target/<profile>/deps/bench_smoke-<hash>
-    let target = exe.ancestors().nth(3).context("target directory")?;
-    let target_dir = target.join("bench-ebpf");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let status = Command::new(cargo)
-        .arg("build")
-        .arg("--manifest-path")
-        .arg(repo.join("bench/ebpf/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .status()
-        .context("running cargo build for bench/ebpf")?;
-    ensure!(status.success(), "building bench/ebpf failed: {status}");
-    Ok(target_dir.join("debug/wgmesh-bench-ebpf"))
-}
 
 /// Given the release-independent quick mode of the benchmarks (10/50 Nodes, one run, 2 s iperf),
 /// when `wgmesh-bench all --quick` runs,
@@ -42,13 +12,15 @@ fn ebpf_runner() -> Result<PathBuf> {
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn quick_bench_produces_numbers_in_every_section() -> Result<()> {
-    let runner = ebpf_runner()?;
     let out = tempfile::tempdir()?;
     let started = Instant::now();
     let status = Command::new(env!("CARGO_BIN_EXE_wgmesh-bench"))
         .args(["all", "--quick", "--out"])
         .arg(out.path())
-        .env("WGMESH_BENCH_EBPF_BIN", &runner)
+        .env(
+            "WGMESH_BENCH_EBPF_BIN",
+            env!("CARGO_BIN_EXE_wgmesh-bench-ebpf"),
+        )
         .env("WGMESH_PROBE_BIN", env!("CARGO_BIN_EXE_wgmesh-probe"))
         .status()
         .context("running wgmesh-bench")?;

@@ -6,7 +6,7 @@
 //!
 //! Sections:
 //! * `ebpf`: ns/packet of the TC programs through `BPF_PROG_TEST_RUN` next to an empty program
-//!   (runs `wgmesh-bench-ebpf`, built from `bench/ebpf`);
+//!   (runs `wgmesh-bench-ebpf`, a binary of this crate);
 //! * `datapath`: iperf3 TCP throughput (1 and 4 streams), ping RTT and CPU per GB between pods on two
 //!   simulated nodes: plain host-gw routing, wgmesh's userspace device, wireguard-go;
 //! * `control`: agent start to all peers and map entries programmed with N Nodes, one key change,
@@ -582,7 +582,7 @@ mod ebpf_section {
 
     pub fn run(plan: &Plan) -> Result<Value> {
         let bin = locate_binary("WGMESH_BENCH_EBPF_BIN", "wgmesh-bench-ebpf").context(
-            "build it: cargo build --release --manifest-path bench/ebpf/Cargo.toml (bench/run does)",
+            "build it: cargo build --release -p wgmesh-netns-tests --bins (bench/run does)",
         )?;
         let cidrs: Vec<String> = plan.ebpf_cidrs.iter().map(ToString::to_string).collect();
         let args = [
@@ -2625,7 +2625,7 @@ mod report {
         let _ = writeln!(md, "## Commands\n");
         let _ = writeln!(
             md,
-            "```sh\nmake bench            # = cargo build --release --bins; bash bench/run\nbash bench/run        # builds the release binaries and bench/ebpf, then:\ntarget/release/wgmesh-bench all --out bench\nsudo -E cargo test -p wgmesh-netns-tests --test bench_smoke -- --ignored   # the --quick smoke test\n```\n"
+            "```sh\nmake bench            # = cargo build --release --bins; bash bench/run\nbash bench/run        # builds the release binaries, then:\ntarget/release/wgmesh-bench all --out bench\nsudo -E cargo test -p wgmesh-netns-tests --test bench_smoke -- --ignored   # the --quick smoke test\n```\n"
         );
         for sec in SECTIONS {
             let v = &s[sec.name()];

@@ -111,7 +111,8 @@ fn mixed_cases(layout: &'static str, remote_dst: Ipv4Addr, local: Ipv4Net) -> Ve
             .into_boxed_str(),
         )
     };
-    let name = |case: &str| -> &'static str { Box::leak(format!("{case}_{layout}").into_boxed_str()) };
+    let name =
+        |case: &str| -> &'static str { Box::leak(format!("{case}_{layout}").into_boxed_str()) };
     cases(remote_dst, local)
         .into_iter()
         .filter(|case| matches!(case.name, "steer_remote" | "steer_other" | "guard_rescue"))
@@ -250,7 +251,14 @@ fn run(args: &Args) -> Result<Value, String> {
                     .filter(|net| net.prefix_len() == shortest)
                     .collect();
                 let dst = bench::host_in(*of_shortest[of_shortest.len() / 2], 2);
-                measure(&mut dp, args, run, n, mixed_cases(layout, dst, local), &mut samples)?;
+                measure(
+                    &mut dp,
+                    args,
+                    run,
+                    n,
+                    mixed_cases(layout, dst, local),
+                    &mut samples,
+                )?;
             }
         }
     }
