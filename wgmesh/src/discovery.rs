@@ -65,41 +65,36 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
     Client::try_from(config).map_err(Error::Client)
 }
 
-/// The fields wgmesh reads from a Node.
+/// The fields wgmesh reads from a Node (the same reading as the agent's watch, through
+/// [`SlimNode`]).
 pub fn node_record(node: &Node) -> NodeRecord {
-    let annotations = node
-        .metadata
-        .annotations
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect::<BTreeMap<_, _>>();
-    let internal_ips = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .map(|addrs| {
-            addrs
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    let pod_cidrs = node
-        .spec
-        .as_ref()
-        .map(|s| match (&s.pod_cidrs, &s.pod_cidr) {
-            (Some(list), _) if !list.is_empty() => list.clone(),
-            (_, Some(one)) => vec![one.clone()],
-            _ => Vec::new(),
-        })
-        .unwrap_or_default();
-    NodeRecord {
-        name: node.metadata.name.clone().unwrap_or_default(),
-        annotations,
-        internal_ips,
-        pod_cidrs,
+    SlimNode::from(node).into_record()
+}
+
+impl From<&Node> for SlimNode {
+    fn from(node: &Node) -> Self {
+        Self {
+            metadata: ObjectMeta {
+                name: node.metadata.name.clone(),
+                annotations: node.metadata.annotations.clone(),
+                ..ObjectMeta::default()
+            },
+            spec: node.spec.as_ref().map(|s| SlimNodeSpec {
+                pod_cidr: s.pod_cidr.clone(),
+                pod_cidrs: s.pod_cidrs.clone(),
+            }),
+            status: node.status.as_ref().map(|s| SlimNodeStatus {
+                addresses: s.addresses.as_ref().map(|addrs| {
+                    addrs
+                        .iter()
+                        .map(|a| SlimNodeAddress {
+                            type_: a.type_.clone(),
+                            address: a.address.clone(),
+                        })
+                        .collect()
+                }),
+            }),
+        }
     }
 }
 
@@ -194,7 +189,7 @@ impl Resource for SlimNode {
 }
 
 impl SlimNode {
-    /// The same record [`node_record`] reads from the full Node.
+    /// The mesh's view of this Node.
     pub fn into_record(self) -> NodeRecord {
         let internal_ips = self
             .status
