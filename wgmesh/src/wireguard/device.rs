@@ -144,18 +144,52 @@ pub fn spawn(ifname: &str, state_dir: &Path) -> Result<(), Error> {
     })
 }
 
-/// Stops a running userspace device by removing its UAPI socket (boringtun's monitor then exits).
+/// Stops a running userspace device by removing its UAPI socket (the device watches the file and
+/// exits), and waits until the process is gone: a device that stopped answering may still hold its
+/// UDP port and TUN for a moment, and a device started right after (same port) would fail to bind.
 pub fn stop(ifname: &str) -> bool {
     let path = super::uapi::socket_path(ifname);
+    // The server's pid, from the socket's peer credentials (0 or none when the device runs in a
+    // pid namespace this process cannot see: then only the UAPI socket is waited for).
+    let pid = std::os::unix::net::UnixStream::connect(&path)
+        .ok()
+        .and_then(|s| {
+            nix::sys::socket::getsockopt(&s, nix::sys::socket::sockopt::PeerCredentials).ok()
+        })
+        .map(|c| c.pid())
+        .filter(|&p| p > 0);
     let alive = UapiDevice::new(ifname).is_alive();
     let _ = std::fs::remove_file(&path);
     if alive {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && UapiDevice::new(ifname).is_alive() {
-            std::thread::sleep(Duration::from_millis(50));
+        while Instant::now() < deadline
+            && (UapiDevice::new(ifname).is_alive() || pid.is_some_and(process_running))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(pid) = pid.filter(|&p| process_running(p)) {
+            tracing::warn!(
+                ifname,
+                pid,
+                "the userspace device process is still running 5 s after it was asked to stop"
+            );
         }
     }
     alive
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn process_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // `pid (comm) S ...`: the state follows the last ')'.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace()
+                .next()
+                .map(|s| !matches!(s, "Z" | "X"))
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -176,5 +210,20 @@ mod tests {
         );
         let msg = err.to_string();
         assert!(msg.contains(&ifname) && msg.contains("device.log"), "{msg}");
+    }
+
+    #[test]
+    fn running_exited_and_zombie_processes_are_told_apart() {
+        assert!(process_running(std::process::id() as i32), "this process");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Exited but not yet reaped: a zombie, which no longer holds its sockets.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!process_running(pid), "a zombie is not running");
+        child.wait().unwrap();
+        assert!(!process_running(pid), "a reaped process is not running");
     }
 }
