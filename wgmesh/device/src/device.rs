@@ -167,6 +167,9 @@ impl State {
         if let Some(p) = self.peers.remove(key) {
             self.by_idx.remove(&p.index);
             self.allowed.remove(&|q: &Arc<Peer>| Arc::ptr_eq(q, &p));
+            // Its session ends here, also for a thread still holding the peer (a timer tick in
+            // flight): with no Tunn there is nothing left to send.
+            p.state.lock().tunn = None;
         }
     }
 
@@ -794,11 +797,18 @@ fn control_loop(sh: Arc<Shared>, listener: UnixListener, ino: u64, handle_signal
 
 fn run_timers(sh: &Shared, buf: &mut [u8]) {
     let mut out: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
-    let st = sh.state.read();
-    if let Some(rl) = &st.rate_limiter {
-        rl.reset_count();
-    }
-    for p in st.peers.values() {
+    // Take the peer list and let go of the device lock before any crypto: a tick may start a
+    // handshake with every peer (thousands right after a large `set`), and a UAPI `set` waiting
+    // for the write lock must not wait for all of them.
+    let (peers, sockets) = {
+        let st = sh.state.read();
+        if let Some(rl) = &st.rate_limiter {
+            rl.reset_count();
+        }
+        let peers: Vec<Arc<Peer>> = st.peers.values().cloned().collect();
+        (peers, Arc::clone(&st.sockets))
+    };
+    for p in &peers {
         let mut ps = p.state.lock();
         let ep = ps.endpoint;
         let keepalive = ps.keepalive;
@@ -831,7 +841,7 @@ fn run_timers(sh: &Shared, buf: &mut [u8]) {
         }
     }
     for (to, pkt) in &out {
-        if let Some(s) = st.sockets.for_addr(to)
+        if let Some(s) = sockets.for_addr(to)
             && let Err(e) = s.send_to(pkt, &(*to).into())
         {
             tracing::debug!(error = %e, endpoint = %to, "UDP send failed");
