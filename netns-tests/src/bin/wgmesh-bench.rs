@@ -402,6 +402,31 @@ fn key_pairs(count: usize) -> Result<Vec<(String, String)>> {
     Ok(privs.into_iter().zip(pubs).collect())
 }
 
+/// The commit the binaries were built from, `-dirty` when sources differ from it. The bench's own
+/// output (`bench/`, which a run rewrites as it goes) does not count.
+fn source_revision() -> String {
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let commit = first_line("git", &["-C", repo, "describe", "--always"]);
+    let changed = Command::new("git")
+        .args([
+            "-C",
+            repo,
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)bench",
+        ])
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    if changed {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    }
+}
+
 fn first_line(program: &str, args: &[&str]) -> String {
     Command::new(program)
         .args(args)
@@ -464,10 +489,7 @@ fn machine() -> Value {
         "virtualized": hypervisor,
         "memory_mib": mem_mib,
         "loadavg_at_start": read_trim("/proc/loadavg"),
-        "git": first_line(
-            "git",
-            &["-C", concat!(env!("CARGO_MANIFEST_DIR"), "/.."), "describe", "--always", "--dirty"],
-        ),
+        "git": source_revision(),
         "wireguard_go": first_line("wireguard-go", &["--version"]),
         "wg": first_line("wg", &["--version"]),
         "iperf3": first_line("iperf3", &["--version"]),
@@ -2634,9 +2656,10 @@ mod report {
             }
             let _ = writeln!(
                 md,
-                "`{}` (started {}, took {} s; run as `{}`{}):\n",
+                "`{}` (started {}, wgmesh `{}`, took {} s; run as `{}`{}):\n",
                 sec.name(),
                 v["started"].as_str().unwrap_or("?"),
+                v["machine"]["git"].as_str().unwrap_or("?"),
                 f(&v["duration_s"], 0),
                 v["launched_as"]
                     .as_str()
