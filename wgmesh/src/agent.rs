@@ -41,6 +41,56 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Room for events (list items included) waiting for the loop: ten pages of the watcher's 500.
 const EVENT_QUEUE: usize = 5_000;
 
+/// Retry delays of the Node watch after an API error: 0.5 s doubling up to 8 s, with jitter.
+/// kube-runtime's default climbs to 30 s, so a node could lag the cluster by half a minute after
+/// an API outage; the data path keeps running either way, and one list per node every 8 s (spread
+/// by the jitter) is a small load on an API server that is coming back.
+pub fn watch_backoff() -> impl kube::runtime::utils::Backoff {
+    kube::runtime::utils::ResetTimerBackoff::new(WatchBackoff::new(), Duration::from_secs(120))
+}
+
+struct WatchBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl WatchBackoff {
+    const MIN: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(8);
+
+    fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        Self {
+            next: Self::MIN,
+            seed,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (d * 2).min(Self::MAX);
+        // xorshift: 75-100 % of the delay, different per node.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let frac = 0.75 + (self.seed % 1000) as f64 / 4000.0;
+        Some(d.mul_f64(frac))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
 enum Trigger {
     /// A watcher event for the Node cache (a list page item, the end of a list, a change).
     /// Boxed: an `ObjectMeta` makes it several times larger than the other variants.
@@ -864,7 +914,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let api: Api<SlimNode> = Api::all(client.clone());
         tokio::spawn(async move {
             let mut events = watcher(api, watcher::Config::default())
-                .default_backoff()
+                .backoff(watch_backoff())
                 .boxed();
             while let Some(ev) = events.next().await {
                 let t = match ev {
@@ -1002,4 +1052,27 @@ pub async fn cleanup(args: crate::config::CleanupArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::utils::Backoff as _;
+
+    use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = WatchBackoff::new();
+        let nominal = [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0];
+        for want in nominal {
+            let got = b.next().unwrap().as_secs_f64();
+            assert!(
+                (want * 0.75..=want).contains(&got),
+                "{got} s is not within 75-100 % of {want} s"
+            );
+        }
+        b.reset();
+        let got = b.next().unwrap().as_secs_f64();
+        assert!((0.375..=0.5).contains(&got), "after reset: {got} s");
+    }
 }
