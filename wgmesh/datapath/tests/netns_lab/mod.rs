@@ -940,16 +940,19 @@ fn serve_tun(tun: &File, recorded: &Mutex<Vec<Vec<u8>>>, stop: &AtomicBool) -> R
                 Err(err) => return Err(err).context("read from the TUN"),
             };
             let packet = buf[..len].to_vec();
-            if let Some(reply) = echo_reply(&packet) {
+            let reply = echo_reply(&packet);
+            // Recorded before it is answered: a test that saw its ping answered then finds the
+            // request among the packets.
+            recorded
+                .lock()
+                .map_err(|_| anyhow!("tun packets lock poisoned"))?
+                .push(packet);
+            if let Some(reply) = reply {
                 let mut writer = tun;
                 if let Err(err) = writer.write_all(&reply) {
                     eprintln!("tun: cannot answer: {err}");
                 }
             }
-            recorded
-                .lock()
-                .map_err(|_| anyhow!("tun packets lock poisoned"))?
-                .push(packet);
         }
     }
     Ok(())
