@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -173,6 +173,11 @@ pub struct Agent {
     mtu: Option<u32>,
     published: bool,
     rotation: Option<rotation::Progress>,
+    /// Whether this process looked for a rotation an earlier process left unreported.
+    rotation_resume_checked: bool,
+    /// Since when the device has used the current key: its creation time if the device already had
+    /// it when this process started, else when this process set it.
+    key_in_use_since: SystemTime,
     synced: bool,
     last_skipped: Vec<Skipped>,
     last_reconcile: Option<ReconcileStatus>,
@@ -253,6 +258,8 @@ impl Agent {
             .metrics
             .key_generation
             .set(key.meta.generation as i64);
+        // Replaced by "now" if the device turns out not to have the key yet.
+        let key_in_use_since = UNIX_EPOCH + Duration::from_secs(key.meta.created);
         let mut agent = Self {
             uplink: args.local.uplink.clone(),
             mtu: args.mtu,
@@ -267,6 +274,8 @@ impl Agent {
             uplink_attached: false,
             published: false,
             rotation: None,
+            rotation_resume_checked: false,
+            key_in_use_since,
             synced: false,
             last_skipped: Vec::new(),
             last_reconcile: None,
@@ -303,6 +312,9 @@ impl Agent {
             let key = self.key.private.clone();
             let port = self.args.listen_port;
             tokio::task::block_in_place(|| self.device.set_identity(&key, port))?;
+            if state.public_key != Some(self.identity.public_key) {
+                self.key_in_use_since = SystemTime::now();
+            }
             return Ok(true);
         }
         Ok(false)
@@ -617,6 +629,24 @@ impl Agent {
         let Some(me) = nodes.iter().find(|n| n.name == self.args.node_name) else {
             return;
         };
+        if !self.rotation_resume_checked {
+            self.rotation_resume_checked = true;
+            if self.rotation.is_none() && rotation::unfinished(me, self.identity.generation) {
+                let device = tokio::task::block_in_place(|| self.device.read())
+                    .map(|d| d.peers)
+                    .unwrap_or_default();
+                tracing::info!(
+                    generation = self.identity.generation,
+                    "key rotation: an earlier agent process did not report its outcome; resuming the report"
+                );
+                self.rotation = Some(rotation::Progress::resumed(
+                    self.identity.generation,
+                    self.key_in_use_since,
+                    &device,
+                    SystemTime::now(),
+                ));
+            }
+        }
         let Some(requested) = rotation::requested_generation(me) else {
             return;
         };

@@ -31,6 +31,23 @@ pub fn requested_generation(rec: &NodeRecord) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Whether this node's rotation to `generation` (the key it runs now) was started but never reported
+/// finished: the request asks for exactly this generation and the published status does not say
+/// `complete` or `failed` for it. That is an agent that crashed or was restarted between persisting
+/// the new key and publishing the outcome; the new agent resumes the report, or `wgmeshctl rotate
+/// --wait` would wait forever.
+pub fn unfinished(rec: &NodeRecord, generation: u64) -> bool {
+    if requested_generation(rec) != Some(generation) {
+        return false;
+    }
+    let finished = rec
+        .annotations
+        .get(ANNOTATION_ROTATION_STATUS)
+        .and_then(|text| Report::parse(text).ok())
+        .is_some_and(|r| r.generation == generation && r.state != State::InProgress);
+    !finished
+}
+
 /// The JSON published in `v1.wgmesh.io/rotation-status` (the type `wgmeshctl` reads it with).
 pub use wgmesh_api::rotation::{RotationState as State, RotationStatus as Report};
 
@@ -38,6 +55,8 @@ pub use wgmesh_api::rotation::{RotationState as State, RotationStatus as Report}
 pub struct Progress {
     pub generation: u64,
     pub started: SystemTime,
+    /// Peers still unconfirmed at this time make the rotation `failed`.
+    deadline: SystemTime,
     /// Each peer's latest handshake when the old key was dropped. Devices report handshake times
     /// coarsely (boringtun ticks once a second), so "changed since the switch" is the reliable test
     /// alongside "later than the switch".
@@ -54,8 +73,24 @@ impl Progress {
         Self {
             generation,
             started,
+            deadline: started + ROTATION_TIMEOUT,
             baseline: device.iter().map(|(k, p)| (*k, p.last_handshake)).collect(),
             last_published: None,
+        }
+    }
+
+    /// A rotation a previous agent process started: the device has run the new key since
+    /// `key_in_use_since`, so any handshake after that is under the new key; handshakes from before
+    /// the restart count, and the peers get a full timeout from `now`.
+    pub fn resumed(
+        generation: u64,
+        key_in_use_since: SystemTime,
+        device: &BTreeMap<PublicKey, ObservedPeer>,
+        now: SystemTime,
+    ) -> Self {
+        Self {
+            deadline: now.max(key_in_use_since) + ROTATION_TIMEOUT,
+            ..Self::new(generation, key_in_use_since, device)
         }
     }
 
@@ -86,10 +121,9 @@ impl Progress {
         pending.sort();
         let total = names.len();
         let confirmed = total - pending.len();
-        let elapsed = now.duration_since(self.started).unwrap_or_default();
         let (state, message) = if pending.is_empty() {
             (State::Complete, None)
-        } else if elapsed > ROTATION_TIMEOUT {
+        } else if now > self.deadline {
             (
                 State::Failed,
                 Some(format!(
@@ -234,6 +268,103 @@ mod tests {
         }
         let alone = p.observe(&BTreeMap::new(), &BTreeMap::new(), t0);
         assert_eq!(alone.state, State::Complete, "no peers: complete at once");
+    }
+
+    #[test]
+    fn table_of_unfinished_rotations() {
+        let status = |generation: u64, state: &str| {
+            format!(r#"{{"generation":{generation},"state":"{state}","peers_total":1}}"#)
+        };
+        // (case, rotate-request, rotation-status, generation the agent runs, unfinished?)
+        let cases: Vec<(&str, Option<&str>, Option<String>, u64, bool)> = vec![
+            ("never rotated", None, None, 1, false),
+            (
+                "request newer than the key: a rotation to start, not to resume",
+                Some("3"),
+                None,
+                2,
+                false,
+            ),
+            (
+                "crashed before publishing any status",
+                Some("2"),
+                None,
+                2,
+                true,
+            ),
+            (
+                "crashed while in progress",
+                Some("2"),
+                Some(status(2, "in-progress")),
+                2,
+                true,
+            ),
+            (
+                "status of the previous rotation",
+                Some("3"),
+                Some(status(2, "complete")),
+                3,
+                true,
+            ),
+            ("finished", Some("2"), Some(status(2, "complete")), 2, false),
+            (
+                "failed is final too",
+                Some("2"),
+                Some(status(2, "failed")),
+                2,
+                false,
+            ),
+            (
+                "unreadable status: resume and overwrite it",
+                Some("2"),
+                Some("{".into()),
+                2,
+                true,
+            ),
+        ];
+        for (name, request, status, generation, want) in cases {
+            let mut rec = NodeRecord::default();
+            if let Some(r) = request {
+                rec.annotations
+                    .insert(ANNOTATION_ROTATE_REQUEST.into(), r.into());
+            }
+            if let Some(s) = status {
+                rec.annotations.insert(ANNOTATION_ROTATION_STATUS.into(), s);
+            }
+            assert_eq!(unfinished(&rec, generation), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn resumed_progress_counts_handshakes_since_the_key_was_in_use_and_restarts_the_timeout() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |secs: u64| ObservedPeer {
+            last_handshake: Some(t0 + Duration::from_secs(secs)),
+            ..Default::default()
+        };
+        let names: BTreeMap<_, _> = [(key(2), "b".to_string()), (key(3), "c".to_string())].into();
+        // The key went into use at t0; the agent restarted at t0+300 and finds b's handshake from
+        // t0+5 (under the new key) and none from c yet.
+        let device: BTreeMap<_, _> = [(key(2), at(5))].into();
+        let now = t0 + Duration::from_secs(300);
+        let p = Progress::resumed(2, t0, &device, now);
+        let r = p.observe(&names, &device, now);
+        assert_eq!((r.state, r.peers_confirmed), (State::InProgress, 1));
+        assert_eq!(r.pending, vec!["c"]);
+        // Long after the original start but within the resumed deadline: still in progress.
+        let r = p.observe(&names, &device, now + Duration::from_secs(60));
+        assert_eq!(r.state, State::InProgress);
+        let done: BTreeMap<_, _> = [(key(2), at(5)), (key(3), at(320))].into();
+        assert_eq!(
+            p.observe(&names, &done, now + Duration::from_secs(30))
+                .state,
+            State::Complete
+        );
+        assert_eq!(
+            p.observe(&names, &device, now + Duration::from_secs(121))
+                .state,
+            State::Failed
+        );
     }
 
     #[test]
