@@ -3,7 +3,7 @@
 
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{bed, converged, published_key};
+use crate::support::{bed, converged, flood_interval, published_key};
 
 fn restart_keeps_key_and_traffic(label: &str, signal: Signal) -> TestResult {
     let bed = bed(label)
@@ -23,15 +23,8 @@ fn restart_keeps_key_and_traffic(label: &str, signal: Signal) -> TestResult {
     flow.assert_flowing(20_000, Duration::from_secs(10))?;
 
     let capture = bed.capture()?;
-    // 100 pings/s on the host. Under the VM tier's software emulation the guest stalls for tens of
-    // milliseconds at a time, which a 10 ms ping deadline would count as loss: 20/s there, still
-    // zero loss allowed, so any gap longer than 50 ms fails.
-    let interval = if std::env::var_os("WGMESH_IN_VM").is_some() {
-        50
-    } else {
-        10
-    };
-    let pings = a1.ping_flood(&b1, Duration::from_millis(interval), Duration::from_secs(6));
+    // Zero loss allowed at either rate: any gap longer than one interval fails.
+    let pings = a1.ping_flood(&b1, flood_interval(), Duration::from_secs(6));
     std::thread::sleep(Duration::from_millis(500));
     a.restart_agent(signal)?;
     bed.eventually("restarted agent is ready", || {
