@@ -276,7 +276,14 @@ mod tests {
             format!(r#"{{"generation":{generation},"state":"{state}","peers_total":1}}"#)
         };
         // (case, rotate-request, rotation-status, generation the agent runs, unfinished?)
-        let cases: Vec<(&str, Option<&str>, Option<String>, u64, bool)> = vec![
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            Option<String>,
+            u64,
+            bool,
+        );
+        let cases: Vec<Case> = vec![
             ("never rotated", None, None, 1, false),
             (
                 "request newer than the key: a rotation to start, not to resume",
