@@ -787,16 +787,36 @@ impl Agent {
                 m.peer_tx_bytes.get_or_create(&label).set(p.tx_bytes as i64);
             }
         }
-        let counters = self
-            .datapath
-            .counters()
-            .map(|c| counters_map(&c))
-            .unwrap_or_default();
-        for (k, v) in &counters {
-            m.datapath_packets
-                .get_or_create(&VerdictLabel { verdict: k.clone() })
-                .set(*v as i64);
-        }
+        // With the pinned maps open, /status and /metrics read counters and CIDRs live when they
+        // are asked (server.rs), so a pass does not read the 5,000-entry map it just wrote.
+        let live = self
+            .shared
+            .pins
+            .lock()
+            .map(|p| p.is_some())
+            .unwrap_or(false);
+        let (counters, remote_cidrs) = if live {
+            (BTreeMap::new(), Vec::new())
+        } else {
+            let counters = self
+                .datapath
+                .counters()
+                .map(|c| counters_map(&c))
+                .unwrap_or_default();
+            for (k, v) in &counters {
+                m.datapath_packets
+                    .get_or_create(&VerdictLabel { verdict: k.clone() })
+                    .set(*v as i64);
+            }
+            let remote = self
+                .datapath
+                .remote_cidrs()
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            (counters, remote)
+        };
         let attached = self
             .datapath
             .attached_interfaces()
@@ -846,13 +866,7 @@ impl Agent {
             datapath: DatapathStatus {
                 attach_mode: self.datapath.attach_mode().to_string(),
                 attached,
-                remote_cidrs: self
-                    .datapath
-                    .remote_cidrs()
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect(),
+                remote_cidrs,
                 local_cidrs: self
                     .desired
                     .local_cidrs
