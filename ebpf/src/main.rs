@@ -2,8 +2,10 @@
 //! uplink against plaintext pod traffic.
 //!
 //! * `wgmesh_steer` (ingress of every host-side pod veth): if the destination is in a remote
-//!   node's pod CIDR, set the wgmesh bits of `skb->mark`; the agent's policy rule
-//!   `fwmark/fwmask -> table T` then routes the packet into the WireGuard device. Marking instead of
+//!   node's pod CIDR (`REMOTE_*`) or, failing that, is one of the other nodes' own host addresses
+//!   (`PEER_HOSTS_*`, an exact match: one hash probe, only when `REMOTE_*` missed), set the
+//!   wgmesh bits of `skb->mark`; the agent's policy rule `fwmark/fwmask -> table T` then routes
+//!   the packet into the WireGuard device. Both count as steered. Marking instead of
 //!   `bpf_redirect` keeps the kernel's forwarding path (PMTU, ICMP errors, netfilter) intact.
 //! * `wgmesh_guard` (egress of the uplink), the backstop for everything that never crossed a
 //!   steered veth — a pod's first packets sent before the agent attached `wgmesh_steer` to its new
@@ -16,7 +18,9 @@
 //!   2. else in `CLUSTER_*` or `REMOTE_*` (another node's pod CIDR we cannot encrypt to): counted
 //!      as leaked, dropped in strict mode.
 //!   3. anything else passes: pods talking to the internet, node traffic, and the encrypted
-//!      WireGuard UDP, which carries node addresses.
+//!      WireGuard UDP, which carries node addresses. The guard never reads `PEER_HOSTS_*`:
+//!      traffic to another node's host address is node-to-node traffic (WireGuard's own UDP among
+//!      it), which must leave through the uplink untouched and is never counted as leaked.
 //!
 //! Neither program ends the TC chain on a pass: they return `TC_ACT_UNSPEC` (TCX: `TCX_NEXT`) so
 //! programs of the CNI on the same hook still run. `TC_ACT_OK` would skip them — on TCX kernels it
@@ -26,8 +30,9 @@
 //! Cost per packet (see `bench/RESULTS.md`): headers are read straight from the packet when they
 //! are in the linear area (else through `bpf_skb_load_bytes`), a CIDR set is probed in its hash
 //! index once per prefix length in use (usually one), so the cost does not grow with the number
-//! of CIDRs (the LPM trie is the fallback for sets with many lengths), and all counters of a
-//! packet are one per-CPU lookup.
+//! of CIDRs (the LPM trie is the fallback for sets with many lengths), the peer host addresses
+//! cost one more hash probe for steer packets that miss `REMOTE_*` (none for those that hit),
+//! and all counters of a packet are one per-CPU lookup.
 //!
 //! Only untagged Ethernet frames are parsed (pod veths and uplinks carry no VLAN tags here); every
 //! other frame is counted and left alone. These programs must never drop outside strict mode (the
@@ -45,8 +50,8 @@ use aya_ebpf::{
 };
 use wgmesh_ebpf_common::{
     CLUSTER_MAX_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, COUNTER_SLOTS, CidrValue, Config, Ipv4Key,
-    Ipv6Key, LOCAL_MAX_ENTRIES, PrefixKeyV4, PrefixKeyV6, REMOTE_MAX_ENTRIES, STATS_INDEX, Stats,
-    counter, prefix_lens,
+    Ipv6Key, LOCAL_MAX_ENTRIES, PEER_HOSTS_MAX_ENTRIES, PrefixKeyV4, PrefixKeyV6,
+    REMOTE_MAX_ENTRIES, STATS_INDEX, Stats, counter, prefix_lens,
 };
 
 /// Pass the packet on and let the next TC program/filter on the hook run.
@@ -114,6 +119,15 @@ static LOCAL_V4_HASH: HashMap<PrefixKeyV4, CidrValue> =
 #[map]
 static LOCAL_V6_HASH: HashMap<PrefixKeyV6, CidrValue> =
     HashMap::pinned(LOCAL_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+/// Other nodes' own host addresses (IPv4), exact match: pod traffic to them is steered like
+/// traffic to `REMOTE_*`. Written by the agent, pinned; only the steer program reads it.
+#[map]
+static PEER_HOSTS_V4: HashMap<Ipv4Key, CidrValue> =
+    HashMap::pinned(PEER_HOSTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+/// Other nodes' own host addresses (IPv6), exact match.
+#[map]
+static PEER_HOSTS_V6: HashMap<Ipv6Key, CidrValue> =
+    HashMap::pinned(PEER_HOSTS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 /// Per CIDR set, the prefix lengths its hash holds or "use the trie" (`prefix_lens`).
 #[map]
 static PREFIX_LENS: Array<u64> = Array::pinned(prefix_lens::SETS, prefix_lens::MAP_FLAGS);
@@ -265,6 +279,18 @@ fn contains_v6(set: &CidrSet<PrefixKeyV6, Ipv6Key>, addr: Ipv6Key) -> bool {
     false
 }
 
+/// Whether an IPv4 address is one of the other nodes' host addresses (one hash probe).
+#[inline(always)]
+fn is_peer_host_v4(addr: Ipv4Key) -> bool {
+    PEER_HOSTS_V4.get_ptr(&addr).is_some()
+}
+
+/// Whether an IPv6 address is one of the other nodes' host addresses (one hash probe).
+#[inline(always)]
+fn is_peer_host_v6(addr: Ipv6Key) -> bool {
+    PEER_HOSTS_V6.get_ptr(&addr).is_some()
+}
+
 /// The addresses of a parsed frame.
 enum Packet {
     V4 { src: Ipv4Key, dst: Ipv4Key },
@@ -368,7 +394,8 @@ fn set_steer_mark(ctx: &TcContext) -> bool {
     true
 }
 
-/// TC ingress of a host-side pod veth: mark traffic bound for remote pod CIDRs. Never drops.
+/// TC ingress of a host-side pod veth: mark traffic bound for remote pod CIDRs and other nodes'
+/// host addresses. Never drops.
 #[classifier]
 pub fn wgmesh_steer(ctx: TcContext) -> i32 {
     match try_steer(&ctx) {
@@ -383,12 +410,14 @@ fn try_steer(ctx: &TcContext) -> Result<i32, i32> {
         ON_MALFORMED
     })?;
     let (remote, local) = match packet {
+        // A peer host address is probed only when REMOTE missed: a remote pod's packet costs
+        // what it did before.
         Packet::V4 { dst, .. } => {
-            let remote = contains_v4(&REMOTE4, dst);
+            let remote = contains_v4(&REMOTE4, dst) || is_peer_host_v4(dst);
             (remote, !remote && contains_v4(&LOCAL4, dst))
         }
         Packet::V6 { dst, .. } => {
-            let remote = contains_v6(&REMOTE6, dst);
+            let remote = contains_v6(&REMOTE6, dst) || is_peer_host_v6(dst);
             (remote, !remote && contains_v6(&LOCAL6, dst))
         }
         Packet::NonIp => {

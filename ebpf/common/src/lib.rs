@@ -6,23 +6,25 @@
 //!
 //! Every map is pinned by name and re-used across agent restarts and upgrades, so the *shape* of a
 //! map (type, key size, value size, max entries) is an ABI. Two kinds of maps:
-//! * **state** (the CIDR tries, `CONFIG`, `COUNTERS`, `STATS`): changing its shape here requires
-//!   the agent to refuse the old pin (it does, naming `wgmesh-agent cleanup` as the fix), since
-//!   its contents cannot be re-derived. To let the programs grow without such a break, the
-//!   counter records have spare slots (and `Config`'s former reserved word now holds
-//!   `tunnel_ifindex`).
+//! * **state** (the CIDR tries, the `PEER_HOSTS_*` address sets, `CONFIG`, `COUNTERS`, `STATS`):
+//!   changing its shape here requires the agent to refuse the old pin (it does, naming
+//!   `wgmesh-agent cleanup` as the fix), since its contents cannot be re-derived. To let the
+//!   programs grow without such a break, the counter records have spare slots (and `Config`'s
+//!   former reserved word now holds `tunnel_ifindex`).
 //! * **derived** ([`DERIVED_MAP_NAMES`]: the hash indexes and `PREFIX_LENS`): the agent rebuilds
 //!   them from the tries at every load, before anything is attached, and replaces a pin of
 //!   another shape instead of refusing it.
 //!
 //! Adding a *new* map is not a break: a missing pin is created on load, next to the re-used ones
-//! (that is how pins of the layout before the hash indexes are upgraded).
+//! (that is how pins of the layout before the hash indexes, or before `PEER_HOSTS_*`, are
+//! upgraded). New maps go at the end of [`MAP_NAMES`].
 //!
 //! It must not contain logic: no parsing, no I/O, nothing that needs `std`.
 #![no_std]
 
 /// TC classifier attached at ingress of every host-side pod veth; marks pod traffic bound for
-/// remote pod CIDRs so policy routing sends it into the WireGuard device.
+/// remote pod CIDRs or other nodes' host addresses so policy routing sends it into the WireGuard
+/// device.
 pub const PROG_STEER: &str = "wgmesh_steer";
 /// TC classifier attached at egress of the uplink, the backstop: redirects traffic for the pod
 /// CIDRs of peered nodes into the WireGuard device, and counts (in strict mode drops) plaintext
@@ -67,8 +69,18 @@ pub const MAP_PREFIX_LENS: &str = "PREFIX_LENS";
 /// per packet). `COUNTERS` holds what earlier builds counted; readers add both.
 pub const MAP_STATS: &str = "STATS";
 
+/// Hash `[u8; 4] -> u32`: the host addresses of other nodes (IPv4), matched exactly. The steer
+/// program marks pod traffic to them like traffic to `REMOTE_*`; the guard does not read it (node
+/// traffic to them, WireGuard's own UDP included, passes the uplink untouched). Written by the
+/// agent (not derived from any other map).
+pub const MAP_PEER_HOSTS_V4: &str = "PEER_HOSTS_V4";
+/// Hash `[u8; 16] -> u32`: the host addresses of other nodes (IPv6), like [`MAP_PEER_HOSTS_V4`].
+pub const MAP_PEER_HOSTS_V6: &str = "PEER_HOSTS_V6";
+
 /// Every map of the object, in a fixed order (pins are created, checked and removed by these names).
-pub const MAP_NAMES: [&str; 16] = [
+/// Maps added after the first layout are appended, never inserted: the agent treats everything
+/// after the first six as possibly missing from an older build's pins.
+pub const MAP_NAMES: [&str; 18] = [
     MAP_REMOTE_V4,
     MAP_REMOTE_V6,
     MAP_LOCAL_V4,
@@ -85,6 +97,8 @@ pub const MAP_NAMES: [&str; 16] = [
     MAP_LOCAL_V6_HASH,
     MAP_PREFIX_LENS,
     MAP_STATS,
+    MAP_PEER_HOSTS_V4,
+    MAP_PEER_HOSTS_V6,
 ];
 
 /// The maps the agent derives from the others (the hash indexes and their prefix lengths): it
@@ -105,6 +119,10 @@ pub const DERIVED_MAP_NAMES: [&str; 7] = [
 pub const REMOTE_MAX_ENTRIES: u32 = 16_384;
 /// Capacity of each `CLUSTER_*` trie: like `REMOTE_*`, one entry per pod CIDR of another node.
 pub const CLUSTER_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of each `PEER_HOSTS_*` hash: one entry per host address of another node, as many as
+/// there can be remote pod CIDRs. Created with `BPF_F_NO_PREALLOC`, so unused capacity costs no
+/// memory.
+pub const PEER_HOSTS_MAX_ENTRIES: u32 = REMOTE_MAX_ENTRIES;
 /// Capacity of each `LOCAL_*` trie: a node has a handful of pod CIDRs (one per family, more with
 /// multi-pool IPAM).
 pub const LOCAL_MAX_ENTRIES: u32 = 256;
@@ -121,7 +139,8 @@ pub const CONFIG_INDEX: u32 = 0;
 pub type Ipv4Key = [u8; 4];
 /// Address part of an IPv6 LPM key, network byte order (the trie key is 20 bytes, packed).
 pub type Ipv6Key = [u8; 16];
-/// Value stored for every CIDR in the tries. The programs only test for presence.
+/// Value stored for every CIDR in the tries and every address in the `PEER_HOSTS_*` hashes (whose
+/// keys are a bare [`Ipv4Key`] / [`Ipv6Key`]). The programs only test for presence.
 pub type CidrValue = u32;
 /// The value the agent writes for every CIDR ("present"); other values are reserved for flags.
 pub const CIDR_PRESENT: CidrValue = 1;
@@ -159,7 +178,8 @@ unsafe impl aya::Pod for Config {}
 
 /// Slots of the `COUNTERS` map. Each is a per-CPU `u64`; readers sum over CPUs.
 pub mod counter {
-    /// Packets from pods whose destination is a remote pod CIDR (marked for the tunnel).
+    /// Packets from pods whose destination is a remote pod CIDR or another node's host address
+    /// (`PEER_HOSTS_*`), marked for the tunnel.
     pub const STEERED_PACKETS: u32 = 0;
     /// Bytes (`skb->len`, L2 included) of those packets.
     pub const STEERED_BYTES: u32 = 1;

@@ -2,7 +2,8 @@
 //!
 //! Layout under `bpffs_dir`:
 //! * `REMOTE_V4`, `REMOTE_V6`, `LOCAL_V4`, `LOCAL_V6`, `CONFIG`, `COUNTERS`, `CLUSTER_V4`,
-//!   `CLUSTER_V6`, their hash indexes `*_HASH`, `PREFIX_LENS` and `STATS`: the pinned maps;
+//!   `CLUSTER_V6`, their hash indexes `*_HASH`, `PREFIX_LENS`, `STATS`, `PEER_HOSTS_V4` and
+//!   `PEER_HOSTS_V6`: the pinned maps;
 //! * `links/<ifname>-<ingress|egress>`: one pin per attached interface and direction. With TCX it
 //!   is the bpf_link itself (the pin is what keeps the program attached); with netlink (cls_bpf) it
 //!   is the attached program, a record of which interfaces carry a wgmesh filter.

@@ -1,12 +1,13 @@
 //! Pod CIDRs as LPM trie keys and as hash-index keys, the prefix-length record of a hash index,
-//! and the diff between what a map holds and what it should hold.
+//! peer host addresses as keys of their exact-match hashes, and the diff between what a map holds
+//! and what it should hold.
 //!
 //! Pure: no maps, no syscalls. The map side is in `maps.rs`.
 
 use std::{
     collections::BTreeSet,
     fmt::Display,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::{Pod, maps::lpm_trie::Key};
@@ -121,6 +122,56 @@ pub(crate) fn split_normalized(cidrs: &BTreeSet<IpNet>) -> (BTreeSet<Ipv4Net>, B
     (v4, v6)
 }
 
+/// One address family's view of a peer host address and of its `PEER_HOSTS_*` key (the address
+/// bytes, network order).
+pub(crate) trait HostAddr: Ord + Copy + Display {
+    /// The key type (`Ipv4Key` / `Ipv6Key`).
+    type Key: Pod;
+
+    /// The key of an address.
+    fn key(&self) -> Self::Key;
+    /// The address a key stands for (every key is one).
+    fn from_key(key: Self::Key) -> Self;
+}
+
+impl HostAddr for Ipv4Addr {
+    type Key = Ipv4Key;
+
+    fn key(&self) -> Ipv4Key {
+        self.octets()
+    }
+
+    fn from_key(key: Ipv4Key) -> Self {
+        Self::from(key)
+    }
+}
+
+impl HostAddr for Ipv6Addr {
+    type Key = Ipv6Key;
+
+    fn key(&self) -> Ipv6Key {
+        self.octets()
+    }
+
+    fn from_key(key: Ipv6Key) -> Self {
+        Self::from(key)
+    }
+}
+
+/// Splits host addresses by family, as given: an IPv4-mapped IPv6 address stays IPv6 (packets
+/// carry it as such, and reading the maps back must return what was written).
+pub(crate) fn split_hosts(hosts: &BTreeSet<IpAddr>) -> (BTreeSet<Ipv4Addr>, BTreeSet<Ipv6Addr>) {
+    let mut v4 = BTreeSet::new();
+    let mut v6 = BTreeSet::new();
+    for host in hosts {
+        match host {
+            IpAddr::V4(addr) => v4.insert(*addr),
+            IpAddr::V6(addr) => v6.insert(*addr),
+        };
+    }
+    (v4, v6)
+}
+
 /// The `PREFIX_LENS` record for a hash index holding CIDRs of these prefix lengths: hashed mode
 /// with the distinct lengths longest first, or trie mode when there are more than
 /// [`prefix_lens::MAX_HASHED`] of them (see `wgmesh_ebpf_common::prefix_lens`).
@@ -200,6 +251,45 @@ mod tests {
             v6.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["2001:db8:1::/64"]
         );
+    }
+
+    #[test]
+    fn hosts_split_by_family_as_given() {
+        let hosts: BTreeSet<IpAddr> = [
+            "198.18.100.2",
+            "198.18.100.3",
+            "2001:db8:100::2",
+            "::ffff:198.18.100.9",
+        ]
+        .iter()
+        .map(|addr| addr.parse().expect("test address"))
+        .collect();
+        let (v4, v6) = split_hosts(&hosts);
+        assert_eq!(
+            v4.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["198.18.100.2", "198.18.100.3"]
+        );
+        assert_eq!(
+            v6.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["::ffff:198.18.100.9", "2001:db8:100::2"]
+        );
+        let (v4, v6) = split_hosts(&BTreeSet::new());
+        assert!(v4.is_empty() && v6.is_empty());
+    }
+
+    #[test]
+    fn host_keys_are_the_address_bytes_in_network_order() {
+        // The programs probe with the destination exactly as it sits in the IP header.
+        let v4: Ipv4Addr = "198.18.100.2".parse().expect("test address");
+        assert_eq!(v4.key(), [198, 18, 100, 2]);
+        assert_eq!(Ipv4Addr::from_key(v4.key()), v4);
+        let v6: Ipv6Addr = "2001:db8:100::2".parse().expect("test address");
+        let key = v6.key();
+        assert_eq!(&key[..4], &[0x20, 0x01, 0x0d, 0xb8]);
+        assert_eq!(key[15], 2);
+        assert_eq!(Ipv6Addr::from_key(key), v6);
+        assert_eq!(size_of::<<Ipv4Addr as HostAddr>::Key>(), 4);
+        assert_eq!(size_of::<<Ipv6Addr as HostAddr>::Key>(), 16);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! wgmesh datapath: loads the TC eBPF programs of `wgmesh-ebpf` with aya, attaches them to pod
 //! veths (`wgmesh_steer`, ingress) and the uplink (`wgmesh_guard`, egress), and keeps their maps
-//! (remote/cluster/local pod CIDRs, config, counters) in step with what the agent wants.
+//! (remote/cluster/local pod CIDRs, peer host addresses, config, counters) in step with what the
+//! agent wants.
 //!
 //! # The two programs
 //!
 //! `wgmesh_steer` is the normal path: at ingress of each host-side pod veth it marks packets for
-//! the pod CIDRs of peered nodes ([`Datapath::sync_remote_cidrs`]), and the agent's policy rule
-//! routes marked packets into the WireGuard device, through the kernel's regular forwarding path.
+//! the pod CIDRs of peered nodes ([`Datapath::sync_remote_cidrs`]) and for the other nodes' own
+//! host addresses ([`Datapath::sync_peer_hosts`], exact addresses, looked up only when the
+//! destination is in no remote pod CIDR), and the agent's policy rule routes marked packets into
+//! the WireGuard device, through the kernel's regular forwarding path. Both count as
+//! [`Counters::steered`].
 //!
 //! `wgmesh_guard`, at egress of the uplink, is the backstop for traffic that never crossed a
 //! steered veth and so would leave the node **in the clear**:
@@ -28,6 +32,8 @@
 //! 3. anything else passes untouched ([`Counters::uplink_passed`]): pods talking to the internet
 //!    (with or without SNAT), the node's own traffic, and the encrypted WireGuard UDP, which carries
 //!    node addresses. Passing never ends the TC chain, so other programs on the hook still run.
+//!    The guard does not read the peer host addresses: traffic to them on the uplink (the node's
+//!    own, WireGuard's UDP among it) is never rescued, counted as leaked or dropped.
 //!
 //! Rescue is a safety net for stragglers, not a replacement for steering: a rescued packet was
 //! routed (and sized) for the uplink, not the tunnel. A full-size one (e.g. a node-originated TCP
@@ -58,7 +64,9 @@ mod pin;
 
 use std::{
     collections::BTreeSet,
-    fmt, ops,
+    fmt,
+    net::IpAddr,
+    ops,
     path::{Path, PathBuf},
 };
 
@@ -117,7 +125,8 @@ impl fmt::Display for Direction {
 /// Packet counters, summed over CPUs, since the maps were first created (they survive restarts).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Counters {
-    /// Pod packets marked for the tunnel (destination in a remote pod CIDR).
+    /// Pod packets marked for the tunnel (destination in a remote pod CIDR or a peer host
+    /// address).
     pub steered: u64,
     /// Bytes of those packets (L2 frame length).
     pub steered_bytes: u64,
@@ -190,9 +199,9 @@ impl fmt::Display for AttachMode {
 /// Map writes done by a sync.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SyncStats {
-    /// CIDRs inserted (or rewritten).
+    /// CIDRs (or peer host addresses) inserted (or rewritten).
     pub added: usize,
-    /// CIDRs deleted.
+    /// CIDRs (or peer host addresses) deleted.
     pub removed: usize,
 }
 
@@ -430,6 +439,23 @@ impl Datapath {
         self.maps.cluster_cidrs()
     }
 
+    /// Makes the `PEER_HOSTS_*` maps hold exactly `hosts` (IPv4 addresses in `PEER_HOSTS_V4`,
+    /// IPv6 in `PEER_HOSTS_V6`, each matched exactly): the other nodes' own host addresses, to
+    /// which the steer program sends pod traffic into the tunnel as it does for remote pod CIDRs.
+    /// The guard ignores them. Level-triggered with minimal writes, like
+    /// [`Datapath::sync_remote_cidrs`]: addresses already present are not touched, new ones are
+    /// inserted before unwanted ones are deleted (deleted first only when a map has no room for
+    /// both), and more addresses of one family than a map holds are refused
+    /// ([`Error::TooManyCidrs`]) before anything is written. An empty set empties both maps.
+    pub fn sync_peer_hosts(&mut self, hosts: &BTreeSet<IpAddr>) -> Result<SyncStats, Error> {
+        self.maps.sync_peer_hosts(hosts)
+    }
+
+    /// The peer host addresses currently in the maps.
+    pub fn peer_hosts(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        self.maps.peer_hosts()
+    }
+
     /// Points the guard's redirect at the WireGuard device `ifindex` (0 = unknown: stop
     /// redirecting). Takes effect for the next packet, without re-attaching anything; call it
     /// whenever the device is re-created under a new index. `CONFIG` is rewritten only if the
@@ -555,6 +581,11 @@ impl PinnedDatapath {
     /// The cluster pod CIDRs in the maps (empty if the pins predate them).
     pub fn cluster_cidrs(&self) -> Result<BTreeSet<IpNet>, Error> {
         self.maps.cluster_cidrs()
+    }
+
+    /// The peer host addresses in the maps (empty if the pins predate them).
+    pub fn peer_hosts(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        self.maps.peer_hosts()
     }
 
     /// The WireGuard device ifindex the guard redirects to (0 = unknown).

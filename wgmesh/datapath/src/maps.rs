@@ -1,10 +1,11 @@
-//! Typed access to the pinned maps: CIDR tries and their hash indexes, `PREFIX_LENS`, `CONFIG`,
-//! `COUNTERS` and `STATS`.
+//! Typed access to the pinned maps: CIDR tries and their hash indexes, `PREFIX_LENS`, the peer
+//! host addresses (`PEER_HOSTS_*`), `CONFIG`, `COUNTERS` and `STATS`.
 //!
 //! The same [`MapSet`] backs a loaded [`crate::Datapath`] (maps taken from the aya object) and the
 //! read-only [`crate::PinnedDatapath`] (maps opened from their pins), so both read identically.
-//! The read-only view also accepts the pins of a build that predates the `CLUSTER_*` tries or
-//! `STATS` (an agent not yet upgraded): they then read as empty. It never opens the hash indexes.
+//! The read-only view also accepts the pins of a build that predates the `CLUSTER_*` tries,
+//! `STATS` or `PEER_HOSTS_*` (an agent not yet upgraded): they then read as empty. It never opens
+//! the hash indexes.
 //!
 //! # Tries and hash indexes
 //!
@@ -27,10 +28,18 @@
 //! before anything is attached, which repairs an index that is new (pins of an older build),
 //! replaced (pinned with another shape, see [`check_pinned_shapes`]) or stale (a downgraded build
 //! changed only the tries).
+//!
+//! # Peer host addresses
+//!
+//! `PEER_HOSTS_V4` / `PEER_HOSTS_V6` hold other nodes' own addresses, keyed by the bare address
+//! bytes: an exact match, one probe, no index or record. They are primary state like the tries
+//! (written only by the agent, never derived). A sync inserts before it deletes, so an address
+//! wanted before and after never misses; only when the map has no room for both it deletes first.
 
 use std::{
     collections::BTreeSet,
     fmt, io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
     ptr::NonNull,
@@ -45,17 +54,18 @@ use aya::{
 use ipnet::IpNet;
 use wgmesh_ebpf_common::{
     CIDR_PRESENT, CLUSTER_MAX_ENTRIES, CONFIG_ENTRIES, CONFIG_INDEX, CONFIG_SIZE, COUNTER_SLOTS,
-    CidrValue, Config, DERIVED_MAP_NAMES, LOCAL_MAX_ENTRIES, LPM_KEY_V4_SIZE, LPM_KEY_V6_SIZE,
-    MAP_CLUSTER_V4, MAP_CLUSTER_V4_HASH, MAP_CLUSTER_V6, MAP_CLUSTER_V6_HASH, MAP_CONFIG,
-    MAP_COUNTERS, MAP_LOCAL_V4, MAP_LOCAL_V4_HASH, MAP_LOCAL_V6, MAP_LOCAL_V6_HASH, MAP_NAMES,
-    MAP_PREFIX_LENS, MAP_REMOTE_V4, MAP_REMOTE_V4_HASH, MAP_REMOTE_V6, MAP_REMOTE_V6_HASH,
-    MAP_STATS, PREFIX_KEY_V4_SIZE, PREFIX_KEY_V6_SIZE, REMOTE_MAX_ENTRIES, STATS_INDEX, STATS_SIZE,
-    Stats, counter, prefix_lens,
+    CidrValue, Config, DERIVED_MAP_NAMES, Ipv4Key, Ipv6Key, LOCAL_MAX_ENTRIES, LPM_KEY_V4_SIZE,
+    LPM_KEY_V6_SIZE, MAP_CLUSTER_V4, MAP_CLUSTER_V4_HASH, MAP_CLUSTER_V6, MAP_CLUSTER_V6_HASH,
+    MAP_CONFIG, MAP_COUNTERS, MAP_LOCAL_V4, MAP_LOCAL_V4_HASH, MAP_LOCAL_V6, MAP_LOCAL_V6_HASH,
+    MAP_NAMES, MAP_PEER_HOSTS_V4, MAP_PEER_HOSTS_V6, MAP_PREFIX_LENS, MAP_REMOTE_V4,
+    MAP_REMOTE_V4_HASH, MAP_REMOTE_V6, MAP_REMOTE_V6_HASH, MAP_STATS, PEER_HOSTS_MAX_ENTRIES,
+    PREFIX_KEY_V4_SIZE, PREFIX_KEY_V6_SIZE, REMOTE_MAX_ENTRIES, STATS_INDEX, STATS_SIZE, Stats,
+    counter, prefix_lens,
 };
 
 use crate::{
     Counters, Error, SyncStats,
-    cidr::{Family, V4, V6, lens_record, plan, split_normalized},
+    cidr::{Family, HostAddr, V4, V6, lens_record, plan, split_hosts, split_normalized},
 };
 
 /// The properties of a map that must not change under a pin that outlives the agent.
@@ -132,6 +142,8 @@ fn expected_shape(map: &str) -> Option<MapShape> {
             value_size: STATS_SIZE,
             max_entries: 1,
         },
+        MAP_PEER_HOSTS_V4 => hash(size_of::<Ipv4Key>() as u32, PEER_HOSTS_MAX_ENTRIES),
+        MAP_PEER_HOSTS_V6 => hash(size_of::<Ipv6Key>() as u32, PEER_HOSTS_MAX_ENTRIES),
         _ => return None,
     })
 }
@@ -642,6 +654,143 @@ fn family<F: Family>(
     })
 }
 
+/// One family of the peer host addresses: an exact-match hash keyed by the address bytes.
+struct HostMap<A: HostAddr> {
+    hash: HashMap<MapData, A::Key, CidrValue>,
+    name: &'static str,
+}
+
+/// What a peer host map holds.
+struct HostContents<A> {
+    addrs: BTreeSet<A>,
+    /// Entries whose value is not [`CIDR_PRESENT`] (rewritten by a sync if still wanted).
+    stale: BTreeSet<A>,
+}
+
+impl<A: HostAddr> HostMap<A> {
+    fn new(name: &'static str, raw: Map) -> Result<Self, Error> {
+        Ok(Self {
+            hash: typed(name, raw)?,
+            name,
+        })
+    }
+
+    fn read(&self) -> Result<HostContents<A>, Error> {
+        let mut contents = HostContents {
+            addrs: BTreeSet::new(),
+            stale: BTreeSet::new(),
+        };
+        for entry in self.hash.iter() {
+            let (key, value) = entry.map_err(|source| Error::MapRead {
+                map: self.name,
+                source: Box::new(source),
+            })?;
+            let addr = A::from_key(key);
+            contents.addrs.insert(addr);
+            if value != CIDR_PRESENT {
+                contents.stale.insert(addr);
+            }
+        }
+        Ok(contents)
+    }
+
+    fn insert(&mut self, addrs: &[A]) -> Result<(), Error> {
+        for addr in addrs {
+            self.hash
+                .insert(addr.key(), CIDR_PRESENT, 0)
+                .map_err(|source| insert_error(self.name, addr, source))?;
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, addrs: &[A]) -> Result<(), Error> {
+        for addr in addrs {
+            match self.hash.remove(&addr.key()) {
+                Ok(()) => {}
+                Err(err) if is_not_found(&err) => {}
+                Err(source) => {
+                    return Err(Error::MapDelete {
+                        map: self.name,
+                        cidr: addr.to_string(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the map hold exactly `desired`: inserts (new addresses, stale values) before
+    /// deletes, unless the map has no room for both at once.
+    fn sync(&mut self, desired: &BTreeSet<A>, capacity: u32) -> Result<SyncStats, Error> {
+        let HostContents { addrs, stale } = self.read()?;
+        let diff = plan(&addrs, desired);
+        let add: Vec<A> = diff
+            .add
+            .iter()
+            .chain(stale.intersection(desired))
+            .copied()
+            .collect();
+        let tight = addrs.len() + diff.add.len() > capacity as usize;
+        if tight {
+            self.remove(&diff.remove)?;
+        }
+        self.insert(&add)?;
+        if !tight {
+            self.remove(&diff.remove)?;
+        }
+        if !add.is_empty() || !diff.remove.is_empty() {
+            tracing::debug!(
+                map = self.name,
+                added = add.len(),
+                removed = diff.remove.len(),
+                "synced peer host map"
+            );
+        }
+        Ok(SyncStats {
+            added: add.len(),
+            removed: diff.remove.len(),
+        })
+    }
+
+    fn addrs(&self) -> Result<BTreeSet<A>, Error> {
+        Ok(self.read()?.addrs)
+    }
+}
+
+/// `PEER_HOSTS_V4` and `PEER_HOSTS_V6`.
+struct PeerHosts {
+    v4: HostMap<Ipv4Addr>,
+    v6: HostMap<Ipv6Addr>,
+}
+
+impl PeerHosts {
+    fn new(mut get: impl FnMut(&'static str) -> Result<Map, Error>) -> Result<Self, Error> {
+        Ok(Self {
+            v4: HostMap::new(MAP_PEER_HOSTS_V4, get(MAP_PEER_HOSTS_V4)?)?,
+            v6: HostMap::new(MAP_PEER_HOSTS_V6, get(MAP_PEER_HOSTS_V6)?)?,
+        })
+    }
+
+    fn sync(&mut self, hosts: &BTreeSet<IpAddr>) -> Result<SyncStats, Error> {
+        let (v4, v6) = split_hosts(hosts);
+        check_capacity(self.v4.name, v4.len(), PEER_HOSTS_MAX_ENTRIES)?;
+        check_capacity(self.v6.name, v6.len(), PEER_HOSTS_MAX_ENTRIES)?;
+        Ok(self.v4.sync(&v4, PEER_HOSTS_MAX_ENTRIES)?
+            + self.v6.sync(&v6, PEER_HOSTS_MAX_ENTRIES)?)
+    }
+
+    fn hosts(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        Ok(self
+            .v4
+            .addrs()?
+            .into_iter()
+            .map(IpAddr::V4)
+            .chain(self.v6.addrs()?.into_iter().map(IpAddr::V6))
+            .collect())
+    }
+}
+
 /// The maps, typed.
 pub(crate) struct MapSet {
     remote: CidrSet,
@@ -655,6 +804,8 @@ pub(crate) struct MapSet {
     legacy_counters: PerCpuArray<MapData, u64>,
     /// `None` only in a read-only view of pins from a build without it.
     stats: Option<PerCpuArray<MapData, Stats>>,
+    /// `None` only in a read-only view of pins from a build without the `PEER_HOSTS_*` maps.
+    peer_hosts: Option<PeerHosts>,
 }
 
 impl MapSet {
@@ -675,6 +826,7 @@ impl MapSet {
             config: typed(MAP_CONFIG, take(MAP_CONFIG)?)?,
             legacy_counters: typed(MAP_COUNTERS, take(MAP_COUNTERS)?)?,
             stats: Some(typed(MAP_STATS, take(MAP_STATS)?)?),
+            peer_hosts: Some(PeerHosts::new(&mut take)?),
         })
     }
 
@@ -694,6 +846,9 @@ impl MapSet {
         };
         let pinned = |map: &str| pin_path(bpffs_dir, map).exists();
         let cluster_pinned = CLUSTER.tries.iter().all(|map| pinned(map));
+        let peer_hosts_pinned = [MAP_PEER_HOSTS_V4, MAP_PEER_HOSTS_V6]
+            .iter()
+            .all(|map| pinned(map));
         Ok(Self {
             remote: CidrSet::new(&REMOTE, REMOTE_MAX_ENTRIES, false, open)?,
             local: CidrSet::new(&LOCAL, LOCAL_MAX_ENTRIES, false, open)?,
@@ -707,6 +862,11 @@ impl MapSet {
             legacy_counters: typed(MAP_COUNTERS, open(MAP_COUNTERS)?)?,
             stats: if pinned(MAP_STATS) {
                 Some(typed(MAP_STATS, open(MAP_STATS)?)?)
+            } else {
+                None
+            },
+            peer_hosts: if peer_hosts_pinned {
+                Some(PeerHosts::new(open)?)
             } else {
                 None
             },
@@ -826,6 +986,22 @@ impl MapSet {
             .as_ref()
             .map_or_else(|| Ok(BTreeSet::new()), CidrSet::cidrs)
     }
+
+    pub(crate) fn sync_peer_hosts(&mut self, hosts: &BTreeSet<IpAddr>) -> Result<SyncStats, Error> {
+        self.peer_hosts
+            .as_mut()
+            .ok_or(Error::MissingMap {
+                map: MAP_PEER_HOSTS_V4,
+            })?
+            .sync(hosts)
+    }
+
+    /// Empty for pins of a build that had no `PEER_HOSTS_*` maps.
+    pub(crate) fn peer_hosts(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        self.peer_hosts
+            .as_ref()
+            .map_or_else(|| Ok(BTreeSet::new()), PeerHosts::hosts)
+    }
 }
 
 fn typed<T>(map: &'static str, raw: Map) -> Result<T, Error>
@@ -934,6 +1110,48 @@ mod tests {
         }
         for map in CLUSTER.tries.iter().chain(&CLUSTER.hashes) {
             assert!(LATER_MAPS.contains(map), "{map}");
+        }
+        // The peer host maps came last: appended, so that every earlier map keeps its place.
+        assert_eq!(
+            MAP_NAMES[MAP_NAMES.len() - 2..],
+            [MAP_PEER_HOSTS_V4, MAP_PEER_HOSTS_V6]
+        );
+        for map in [MAP_PEER_HOSTS_V4, MAP_PEER_HOSTS_V6] {
+            assert!(LATER_MAPS.contains(&map), "{map}");
+        }
+    }
+
+    #[test]
+    fn peer_host_maps_are_exact_match_hashes_as_large_as_the_remote_tries() {
+        for (map, key_size, remote) in [
+            (MAP_PEER_HOSTS_V4, 4, MAP_REMOTE_V4),
+            (MAP_PEER_HOSTS_V6, 16, MAP_REMOTE_V6),
+        ] {
+            let shape = expected_shape(map).expect("known map");
+            assert_eq!(
+                shape,
+                MapShape {
+                    map_type: MapType::Hash,
+                    key_size,
+                    value_size: 4,
+                    max_entries: 16_384,
+                },
+                "{map}"
+            );
+            let remote = expected_shape(remote).expect("known map");
+            assert_eq!(shape.max_entries, remote.max_entries, "{map}");
+            // Written by the agent: a pin of another shape is refused, never silently replaced.
+            assert!(!DERIVED_MAP_NAMES.contains(&map), "{map}");
+        }
+        assert_eq!(PEER_HOSTS_MAX_ENTRIES, REMOTE_MAX_ENTRIES);
+    }
+
+    #[test]
+    fn map_names_are_unique_and_pinnable() {
+        let names: BTreeSet<&str> = MAP_NAMES.iter().copied().collect();
+        assert_eq!(names.len(), MAP_NAMES.len());
+        for map in MAP_NAMES {
+            assert!(!map.is_empty() && !map.contains('/'), "{map}");
         }
     }
 
