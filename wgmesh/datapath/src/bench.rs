@@ -144,6 +144,23 @@ struct TestRunAttr {
     padding: u32,
 }
 
+/// The outcome of one [`Datapath::test_run_skb`]: the verdict and the packet's metadata after
+/// the program ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkbRun {
+    /// The program's verdict (`TC_ACT_UNSPEC` reads as `u32::MAX`).
+    pub retval: u32,
+    /// `skb->mark` as the program left it.
+    pub mark: u32,
+}
+
+/// Size of the `struct __sk_buff` buffer passed as the test run's context: larger than the struct
+/// on any kernel so far (192 bytes in 6.x); the kernel only reads and writes its own size of it
+/// and requires the rest to be zero.
+const SKB_CTX_SIZE: usize = 512;
+/// Offset of `mark` in `struct __sk_buff` (after `len` and `pkt_type`; part of the stable UAPI).
+const SKB_MARK_OFFSET: usize = 8;
+
 impl Datapath {
     /// Runs the TC program `program` (`wgmesh_steer`, `wgmesh_guard` or [`PROG_NOOP`], which is
     /// loaded on first use) `repeat` times on `frame` (an Ethernet frame) with the maps as they are,
@@ -154,6 +171,46 @@ impl Datapath {
         frame: &[u8],
         repeat: u32,
     ) -> Result<TestRun, BenchError> {
+        let (attr, wall) = self.raw_test_run(program, frame, repeat, None)?;
+        Ok(TestRun {
+            retval: attr.retval,
+            repeat,
+            kernel_ns_per_run: attr.duration,
+            wall,
+        })
+    }
+
+    /// Runs `program` once on `frame` like [`Datapath::test_run`], on an skb whose `mark` is
+    /// `mark`, and returns the verdict with the `mark` the program left: what the policy routing
+    /// would see. For checks, not for measuring (it passes the kernel a context to copy in and
+    /// out, which [`Datapath::test_run`] does not).
+    pub fn test_run_skb(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        mark: u32,
+    ) -> Result<SkbRun, BenchError> {
+        let mut ctx = [0u8; SKB_CTX_SIZE];
+        ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4].copy_from_slice(&mark.to_ne_bytes());
+        let (attr, _) = self.raw_test_run(program, frame, 1, Some(&mut ctx))?;
+        let mut out = [0u8; 4];
+        out.copy_from_slice(&ctx[SKB_MARK_OFFSET..SKB_MARK_OFFSET + 4]);
+        Ok(SkbRun {
+            retval: attr.retval,
+            mark: u32::from_ne_bytes(out),
+        })
+    }
+
+    /// `BPF_PROG_TEST_RUN` of `program` on `frame`; with `ctx`, a `struct __sk_buff` the kernel
+    /// starts from and writes back into. Returns the attributes the kernel filled in and the wall
+    /// time of the syscall.
+    fn raw_test_run(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        repeat: u32,
+        ctx: Option<&mut [u8; SKB_CTX_SIZE]>,
+    ) -> Result<(TestRunAttr, Duration), BenchError> {
         if !(MIN_FRAME..=MAX_FRAME).contains(&frame.len()) {
             return Err(BenchError::FrameSize { len: frame.len() });
         }
@@ -189,11 +246,20 @@ impl Datapath {
             repeat,
             ..TestRunAttr::default()
         };
+        if let Some(ctx) = ctx {
+            let ptr = ctx.as_mut_ptr() as u64;
+            attr.ctx_in = ptr;
+            attr.ctx_out = ptr;
+            attr.ctx_size_in = SKB_CTX_SIZE as u32;
+            attr.ctx_size_out = SKB_CTX_SIZE as u32;
+        }
         let started = Instant::now();
         // SAFETY: `attr` is a properly initialised `bpf_attr.test` of the size passed; `data_in`
-        // points at `frame`, which outlives the call and which the kernel only reads; `data_out`,
-        // `ctx_in` and `ctx_out` are null, so the kernel writes only into `attr` itself; `fd` is
-        // a program fd owned by `self` for the whole call.
+        // points at `frame`, which outlives the call and which the kernel only reads; `data_out`
+        // is null; `ctx_in`/`ctx_out` are either null or both point at the caller's
+        // `SKB_CTX_SIZE`-byte buffer, borrowed mutably for the whole call, which the kernel reads
+        // and then writes at most `ctx_size_out` bytes of; otherwise the kernel writes only into
+        // `attr` itself; `fd` is a program fd owned by `self` for the whole call.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
@@ -209,12 +275,7 @@ impl Datapath {
                 source: io::Error::last_os_error(),
             });
         }
-        Ok(TestRun {
-            retval: attr.retval,
-            repeat,
-            kernel_ns_per_run: attr.duration,
-            wall,
-        })
+        Ok((attr, wall))
     }
 }
 

@@ -61,7 +61,15 @@ pub const REMOTE_CIDR_V4: &str = "198.19.2.0/24";
 pub const REMOTE_CIDR_V6: &str = "2001:db8:2::/64";
 pub const REMOTE_POD_V4: &str = "198.19.2.1";
 pub const REMOTE_POD_V6: &str = "2001:db8:2::1";
+/// The peer's own (host) address on the plaintext path, the stand-in for another node's address.
 pub const PEER_V4: &str = "198.18.100.2";
+pub const PEER_V6: &str = "2001:db8:100::2";
+/// The node's own address on the uplink.
+pub const NODE_V4: &str = "198.18.100.1";
+pub const NODE_V6: &str = "2001:db8:100::1";
+/// The pod's address.
+pub const POD_V4: &str = "198.18.1.2";
+pub const POD_V6: &str = "2001:db8:1::2";
 /// Pod CIDR of a cluster node we have no WireGuard peer for; the peer owns its first address.
 pub const CLUSTER_ONLY_CIDR_V4: &str = "198.19.3.0/24";
 pub const CLUSTER_ONLY_CIDR_V6: &str = "2001:db8:3::/64";
