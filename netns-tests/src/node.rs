@@ -26,7 +26,8 @@ use serde_json::Value;
 use crate::{
     cmd::Cmd,
     netns::NetNs,
-    pod::Pod,
+    pod::{Destination, PingReport, Pod},
+    probe::TcpRequestReport,
     process::ChildGuard,
     testbed::{Context as BedContext, tail_file},
     wg::WgDump,
@@ -331,6 +332,27 @@ impl Node {
     /// A command inside the node namespace.
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Cmd {
         self.0.ns.cmd(program)
+    }
+
+    // === the node's own traffic (host network) ===
+
+    /// `ping -c count` from the node itself (0.2 s apart); loss is reported, not an error.
+    pub fn ping(&self, dst: &impl Destination, count: u32) -> Result<PingReport> {
+        crate::pod::ping(
+            &self.cmd("ping"),
+            dst.address(),
+            count,
+            Duration::from_millis(200),
+        )
+    }
+
+    /// One TCP request/response from the node itself to a server that answers and closes.
+    pub fn tcp_request_addr(&self, to: SocketAddr, payload: &str) -> Result<TcpRequestReport> {
+        let out = self
+            .cmd(self.0.ctx.probe()?)
+            .args(["tcp-request", "--to", &to.to_string(), "--payload", payload])
+            .run()?;
+        serde_json::from_str(out.trim()).with_context(|| format!("tcp-request printed {out:?}"))
     }
 
     // === pods ===

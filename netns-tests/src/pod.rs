@@ -368,7 +368,7 @@ impl Pod {
     }
 }
 
-fn ping(cmd: &Cmd, dst: IpAddr, count: u32, interval: Duration) -> Result<PingReport> {
+pub(crate) fn ping(cmd: &Cmd, dst: IpAddr, count: u32, interval: Duration) -> Result<PingReport> {
     let secs = format!("{:.3}", interval.as_secs_f64());
     // No `-w` deadline: on a slow machine ping falls behind its interval, and a deadline would cut
     // off the last echo while its reply is in flight and count it as lost. `-c` ends the run once

@@ -5,12 +5,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
+use ipnet::IpNet;
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt as _, watcher},
@@ -19,8 +21,8 @@ use tokio::sync::mpsc;
 use wgmesh_api::{
     NodeRecord, PublicKey,
     status::{
-        AgentStatus, DatapathStatus, DesiredPeer, ReconcileStatus, STATUS_SCHEMA_VERSION,
-        SkippedNode,
+        AgentStatus, DatapathStatus, DesiredPeer, HostEncryptionStatus, ReconcileStatus,
+        STATUS_SCHEMA_VERSION, SkippedNode,
     },
 };
 use wgmesh_datapath::{Datapath, DatapathConfig, Direction};
@@ -186,6 +188,10 @@ pub struct Agent {
     plumbed: Option<(u32, u32)>,
     /// Set by the periodic resync: redo the local plumbing even when the tunnel did not change.
     plumbing_due: bool,
+    /// Host routes last written (tunnel index, routes), so a pass without changes skips the
+    /// route dump; cleared whenever the plumbing is redone.
+    host_routes_applied: Option<(u32, BTreeMap<IpNet, IpAddr>)>,
+    last_host_warnings: Vec<Skipped>,
     /// The device as the last reconcile left it (its read plus the changes it made), for the
     /// status that follows, so a pass reads the device once.
     device_after_apply: Option<wireguard::DeviceState>,
@@ -210,6 +216,8 @@ impl Agent {
             listen_port: args.listen_port,
             generation: key.meta.generation,
             created: key.meta.created,
+            // Filled in from the node's InternalIPs once its Node is seen.
+            host_addresses: None,
         };
         netlink::ensure_sysctl("net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
         if let Err(e) = netlink::ensure_sysctl("net/ipv6/conf/all/forwarding", "1") {
@@ -282,6 +290,8 @@ impl Agent {
             desired: DesiredState::default(),
             plumbed: None,
             plumbing_due: true,
+            host_routes_applied: None,
+            last_host_warnings: Vec::new(),
             device_after_apply: None,
             shared,
         };
@@ -382,6 +392,61 @@ impl Agent {
         self.nl
             .ensure_tunnel_routes(self.policy.table, link.index)
             .await?;
+        let (table, priority) = (
+            self.args.local.host_route_table,
+            self.args.local.host_rule_priority,
+        );
+        if self.args.host_encryption {
+            self.nl.ensure_host_rules(table, priority).await?;
+        } else {
+            let rules = self.nl.delete_host_rules(table, priority).await?;
+            let routes = self.nl.flush_table(table).await?;
+            if rules + routes > 0 {
+                tracing::info!(
+                    rules,
+                    routes,
+                    "host encryption is off: removed its rule and routes"
+                );
+            }
+        }
+        // Rewritten (and checked against the kernel) on the next pass.
+        self.host_routes_applied = None;
+        Ok(())
+    }
+
+    /// The host-encryption routes: exactly the desired ones once the initial list arrived (before
+    /// that, only additions: a peer not listed yet keeps its routes). Skipped when nothing changed
+    /// since the last write (the periodic resync clears that, so drift is repaired).
+    async fn sync_host_routes(&mut self) -> anyhow::Result<()> {
+        if !self.args.host_encryption {
+            return Ok(());
+        }
+        let Some((oif, _)) = self.plumbed else {
+            return Ok(());
+        };
+        let want = &self.desired.host_routes;
+        if self
+            .host_routes_applied
+            .as_ref()
+            .is_some_and(|(i, r)| *i == oif && r == want)
+        {
+            return Ok(());
+        }
+        let (added, removed) = self
+            .nl
+            .sync_host_routes(self.args.local.host_route_table, oif, want, self.synced)
+            .await?;
+        if added + removed > 0 {
+            tracing::info!(
+                added,
+                removed,
+                routes = want.len(),
+                "host-encryption routes updated"
+            );
+        }
+        if self.synced {
+            self.host_routes_applied = Some((oif, want.clone()));
+        }
         Ok(())
     }
 
@@ -455,6 +520,11 @@ impl Agent {
     /// Publishes this node's identity when the cache shows it missing or different.
     async fn ensure_published(&mut self, client: &Client, nodes: &[NodeRecord]) {
         let me = nodes.iter().find(|n| n.name == self.args.node_name);
+        if let Some(m) = me {
+            self.identity.host_addresses = (self.args.host_encryption
+                && !m.internal_ips.is_empty())
+            .then(|| m.internal_ips.clone());
+        }
         if self.published && me.is_none_or(|m| self.identity.is_published_on(m)) {
             return;
         }
@@ -526,6 +596,7 @@ impl Agent {
             self.args.keepalive,
         );
         self.log_skipped(&desired.skipped);
+        self.log_host_warnings(&desired.host_warnings);
         self.desired = desired;
         self.device_after_apply = None;
         if !self.published {
@@ -580,6 +651,7 @@ impl Agent {
             if synced {
                 datapath.sync_remote_cidrs(&desired.remote_cidrs)?;
                 datapath.sync_cluster_cidrs(&desired.cluster_cidrs)?;
+                datapath.sync_peer_hosts(&desired.peer_hosts)?;
             } else {
                 // Before the initial list, an absent CIDR may just not have been seen yet.
                 let mut remote = desired.remote_cidrs.clone();
@@ -588,6 +660,9 @@ impl Agent {
                 let mut cluster = desired.cluster_cidrs.clone();
                 cluster.extend(datapath.cluster_cidrs()?);
                 datapath.sync_cluster_cidrs(&cluster)?;
+                let mut hosts = desired.peer_hosts.clone();
+                hosts.extend(datapath.peer_hosts()?);
+                datapath.sync_peer_hosts(&hosts)?;
             }
             if !desired.local_cidrs.is_empty() {
                 datapath.sync_local_cidrs(&desired.local_cidrs)?;
@@ -619,6 +694,7 @@ impl Agent {
             state.peers.remove(k);
         }
         self.device_after_apply = Some(state);
+        self.sync_host_routes().await?;
         Ok(diff)
     }
 
@@ -682,6 +758,7 @@ impl Agent {
             listen_port: self.args.listen_port,
             generation: requested,
             created: meta.created,
+            host_addresses: self.identity.host_addresses.clone(),
         };
         self.published = false;
         self.shared.metrics.key_generation.set(requested as i64);
@@ -758,6 +835,18 @@ impl Agent {
             }
         }
         self.last_skipped = skipped.to_vec();
+    }
+
+    fn log_host_warnings(&mut self, warnings: &[Skipped]) {
+        if warnings == self.last_host_warnings.as_slice() {
+            return;
+        }
+        for w in warnings {
+            if !self.last_host_warnings.contains(w) {
+                tracing::warn!(node = %w.node, reason = %w.reason, "host address left out of the tunnel");
+            }
+        }
+        self.last_host_warnings = warnings.to_vec();
     }
 
     fn publish_status(&mut self) {
@@ -877,6 +966,38 @@ impl Agent {
             },
             last_reconcile: self.last_reconcile.clone(),
             device: None,
+            host_encryption: HostEncryptionStatus {
+                enabled: self.args.host_encryption,
+                addresses: self
+                    .identity
+                    .host_addresses
+                    .iter()
+                    .flatten()
+                    .map(|a| a.to_string())
+                    .collect(),
+                peers: self
+                    .desired
+                    .peers
+                    .values()
+                    .filter(|p| {
+                        p.allowed_ips.iter().any(|c| {
+                            c.prefix_len() == c.max_prefix_len()
+                                && self.desired.peer_hosts.contains(&c.addr())
+                        })
+                    })
+                    .map(|p| p.node.clone())
+                    .collect(),
+                routes: self.desired.host_routes.len(),
+                warnings: self
+                    .desired
+                    .host_warnings
+                    .iter()
+                    .map(|w| SkippedNode {
+                        node: w.node.clone(),
+                        reason: w.reason.clone(),
+                    })
+                    .collect(),
+            },
         };
         if let Ok(mut s) = self.shared.status.lock() {
             *s = Some(status);
@@ -1069,8 +1190,13 @@ pub async fn cleanup(args: crate::config::CleanupArgs) -> anyhow::Result<()> {
         table: args.local.route_table,
         priority: args.local.rule_priority,
     };
-    let rules = nl.delete_rules(&policy).await?;
-    let routes = nl.flush_table(policy.table).await?;
+    let mut rules = nl.delete_rules(&policy).await?;
+    let mut routes = nl.flush_table(policy.table).await?;
+    let host_table = args.local.host_route_table;
+    rules += nl
+        .delete_host_rules(host_table, args.local.host_rule_priority)
+        .await?;
+    routes += nl.flush_table(host_table).await?;
     tracing::info!(rules, routes, "policy routing removed");
     tokio::task::block_in_place(|| Datapath::cleanup(&args.local.bpffs_dir)).with_context(
         || {

@@ -15,6 +15,10 @@ pub const DEFAULT_FWMARK: u32 = 0x0010_0000;
 pub const DEFAULT_ROUTE_TABLE: u32 = 51820;
 /// Priority of the `fwmark -> table` rule: before `main` (32766), after `local` (0).
 pub const DEFAULT_RULE_PRIORITY: u32 = 100;
+/// Routing table of host encryption: the node's own traffic to peered pod CIDRs.
+pub const DEFAULT_HOST_ROUTE_TABLE: u32 = 51821;
+/// Priority of the `iif lo -> host table` rule, right after the fwmark rule.
+pub const DEFAULT_HOST_RULE_PRIORITY: u32 = 101;
 /// WireGuard overhead for an IPv6 underlay (40 IPv6 + 8 UDP + 32 WireGuard), also safe for IPv4.
 pub const WIREGUARD_OVERHEAD: u32 = 80;
 /// Full resync even without events, so drift in the kernel is repaired (level-triggered).
@@ -87,6 +91,12 @@ pub struct NodeLocalArgs {
     /// Priority of the fwmark rule.
     #[arg(long, env = "WGMESH_RULE_PRIORITY", default_value_t = DEFAULT_RULE_PRIORITY)]
     pub rule_priority: u32,
+    /// Routing table for the node's own traffic to peered pod CIDRs (host encryption).
+    #[arg(long, env = "WGMESH_HOST_ROUTE_TABLE", default_value_t = DEFAULT_HOST_ROUTE_TABLE)]
+    pub host_route_table: u32,
+    /// Priority of the host-encryption rule (`iif lo lookup <host table>`).
+    #[arg(long, env = "WGMESH_HOST_RULE_PRIORITY", default_value_t = DEFAULT_HOST_RULE_PRIORITY)]
+    pub host_rule_priority: u32,
     /// Uplink interface (the one carrying the node address). Default: the interface holding the
     /// node's InternalIP.
     #[arg(long, env = "WGMESH_UPLINK")]
@@ -123,6 +133,12 @@ pub struct RunArgs {
         default_value = "veth,cali,lxc"
     )]
     pub pod_interface_prefix: Vec<String>,
+    /// Encrypt this node's own traffic (host network processes, the kubelet, node ports answering
+    /// from the node address) to pods on other nodes, and pods' traffic to other nodes' addresses,
+    /// with every node that does the same (each publishes its InternalIPs in
+    /// `v1.wgmesh.io/host-addresses`). Node-to-node traffic stays outside the tunnel.
+    #[arg(long, env = "WGMESH_HOST_ENCRYPTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub host_encryption: bool,
     /// Drop plaintext pod traffic leaving the uplink instead of only counting it (fail closed).
     #[arg(long, env = "WGMESH_STRICT", default_value_t = false, action = clap::ArgAction::Set)]
     pub strict: bool,
@@ -188,6 +204,8 @@ pub enum ConfigError {
     Fwmark,
     #[error("route table {0} is reserved (0, 253-255)")]
     RouteTable(u32),
+    #[error("the host route table must differ from the route table ({0})")]
+    HostRouteTable(u32),
     #[error("MTU {0} is outside 1280-65535")]
     Mtu(u32),
     #[error("at least one non-empty pod interface prefix is needed")]
@@ -214,8 +232,13 @@ impl NodeLocalArgs {
         if self.fwmark == 0 {
             return Err(ConfigError::Fwmark);
         }
-        if matches!(self.route_table, 0 | 253..=255) {
-            return Err(ConfigError::RouteTable(self.route_table));
+        for t in [self.route_table, self.host_route_table] {
+            if matches!(t, 0 | 253..=255) {
+                return Err(ConfigError::RouteTable(t));
+            }
+        }
+        if self.host_route_table == self.route_table {
+            return Err(ConfigError::HostRouteTable(self.route_table));
         }
         Ok(())
     }
@@ -276,6 +299,8 @@ mod tests {
         assert_eq!(r.local.interface, DEFAULT_INTERFACE);
         assert_eq!(r.local.fwmark, DEFAULT_FWMARK);
         assert_eq!(r.pod_interface_prefix, ["veth", "cali", "lxc"]);
+        assert!(r.host_encryption, "host encryption is on by default");
+        assert!(!run_args(&["--host-encryption", "false"]).host_encryption);
         r.validate().unwrap();
     }
 
@@ -293,12 +318,49 @@ mod tests {
             (&["--listen-port", "0"], ConfigError::ListenPort),
             (&["--fwmark", "0"], ConfigError::Fwmark),
             (&["--route-table", "254"], ConfigError::RouteTable(254)),
+            (&["--host-route-table", "255"], ConfigError::RouteTable(255)),
+            (
+                &["--host-route-table", "51820"],
+                ConfigError::HostRouteTable(51820),
+            ),
             (&["--mtu", "500"], ConfigError::Mtu(500)),
             (&["--pod-interface-prefix", ""], ConfigError::PodPrefix),
             (&["--resync-seconds", "0"], ConfigError::Resync),
         ];
         for (args, want) in cases {
             assert_eq!(run_args(args).validate().as_ref(), Err(want), "{args:?}");
+        }
+    }
+
+    /// Every `WGMESH_*` variable the DaemonSet sets is one the agent reads (a typo there would be
+    /// silently ignored in production).
+    #[test]
+    fn deploy_manifest_sets_only_known_variables() {
+        use clap::CommandFactory as _;
+        fn envs(cmd: &clap::Command, out: &mut Vec<String>) {
+            out.extend(
+                cmd.get_arguments()
+                    .filter_map(|a| a.get_env())
+                    .map(|e| e.to_string_lossy().into_owned()),
+            );
+            for sub in cmd.get_subcommands() {
+                envs(sub, out);
+            }
+        }
+        let mut known = Vec::new();
+        envs(&Cli::command(), &mut known);
+        let manifest = include_str!("../../deploy/daemonset.yaml");
+        let set: Vec<&str> = manifest
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("- name: "))
+            .filter(|n| n.starts_with("WGMESH_"))
+            .collect();
+        assert!(set.len() >= 5, "found only {set:?}");
+        for name in set {
+            assert!(
+                known.iter().any(|k| k == name),
+                "{name} is not an agent setting"
+            );
         }
     }
 

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use wgmesh_api::{
     NodeRecord, PublicKey,
     annotations::{
-        ANNOTATION_KEY_CREATED, ANNOTATION_KEY_GENERATION, ANNOTATION_LISTEN_PORT,
-        ANNOTATION_PUBLIC_KEY,
+        ANNOTATION_HOST_ADDRESSES, ANNOTATION_KEY_CREATED, ANNOTATION_KEY_GENERATION,
+        ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY,
     },
 };
 
@@ -301,11 +301,15 @@ pub struct Identity {
     pub generation: u64,
     /// Seconds since the Unix epoch.
     pub created: u64,
+    /// Host encryption: this node's addresses (its InternalIPs), published as
+    /// `host-addresses`; `None` means the annotation must be absent.
+    pub host_addresses: Option<Vec<std::net::IpAddr>>,
 }
 
 impl Identity {
+    /// The annotations this identity sets (`host-addresses` only when it has host addresses).
     pub fn annotations(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([
+        let mut out = BTreeMap::from([
             (
                 ANNOTATION_PUBLIC_KEY.to_owned(),
                 self.public_key.to_string(),
@@ -319,14 +323,34 @@ impl Identity {
                 self.generation.to_string(),
             ),
             (ANNOTATION_KEY_CREATED.to_owned(), rfc3339(self.created)),
-        ])
+        ]);
+        if let Some(addrs) = self.host_addresses.as_ref().filter(|a| !a.is_empty()) {
+            let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+            out.insert(ANNOTATION_HOST_ADDRESSES.to_owned(), list.join(","));
+        }
+        out
+    }
+
+    /// The merge patch's `annotations`: what [`Self::annotations`] sets, and `null` (delete) for
+    /// `host-addresses` when it has none.
+    pub fn annotation_patch(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out: serde_json::Map<String, serde_json::Value> = self
+            .annotations()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        out.entry(ANNOTATION_HOST_ADDRESSES)
+            .or_insert(serde_json::Value::Null);
+        out
     }
 
     /// True when `record` already carries exactly this identity (no write needed).
     pub fn is_published_on(&self, record: &NodeRecord) -> bool {
-        self.annotations()
-            .iter()
+        let set = self.annotations();
+        set.iter()
             .all(|(k, v)| record.annotations.get(k) == Some(v))
+            && (set.contains_key(ANNOTATION_HOST_ADDRESSES)
+                || !record.annotations.contains_key(ANNOTATION_HOST_ADDRESSES))
     }
 }
 
@@ -342,7 +366,7 @@ pub async fn publish(client: &Client, node: &str, id: &Identity) -> Result<bool,
     if id.is_published_on(&node_record(&current)) {
         return Ok(false);
     }
-    let patch = serde_json::json!({ "metadata": { "annotations": id.annotations() } });
+    let patch = serde_json::json!({ "metadata": { "annotations": id.annotation_patch() } });
     api.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(err)?;
@@ -585,11 +609,35 @@ mod tests {
             listen_port: 51820,
             generation: 1,
             created: 0,
+            host_addresses: None,
         };
         let mut rec = NodeRecord::default();
         assert!(!id.is_published_on(&rec));
         rec.annotations = id.annotations();
         rec.annotations.insert("other".into(), "x".into());
         assert!(id.is_published_on(&rec));
+        assert_eq!(
+            id.annotation_patch()[ANNOTATION_HOST_ADDRESSES],
+            serde_json::Value::Null,
+            "without host addresses the patch deletes the annotation"
+        );
+
+        // Host encryption turned on: the address list is missing, then published.
+        let on = Identity {
+            host_addresses: Some(vec![
+                "192.0.2.11".parse().unwrap(),
+                "2001:db8::11".parse().unwrap(),
+            ]),
+            ..id.clone()
+        };
+        assert!(!on.is_published_on(&rec));
+        assert_eq!(
+            on.annotation_patch()[ANNOTATION_HOST_ADDRESSES],
+            "192.0.2.11,2001:db8::11"
+        );
+        rec.annotations = on.annotations();
+        assert!(on.is_published_on(&rec));
+        // ... and off again: the leftover annotation needs a write that deletes it.
+        assert!(!id.is_published_on(&rec));
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, SystemTime},
 };
 
@@ -56,6 +56,14 @@ pub struct DesiredState {
     pub skipped: Vec<Skipped>,
     /// Whether this node's own Node object was in the input.
     pub self_seen: bool,
+    /// Host encryption: other nodes' host addresses whose traffic goes through the tunnel (pods
+    /// here reaching them are steered; each is in its node's allowed IPs).
+    pub peer_hosts: BTreeSet<IpAddr>,
+    /// Host encryption: routes for this node's own traffic into the tunnel, pod CIDR → source
+    /// address (this node's host address of the CIDR's family).
+    pub host_routes: BTreeMap<IpNet, IpAddr>,
+    /// Peered nodes whose host addresses were left out, and why (the pod traffic is unaffected).
+    pub host_warnings: Vec<Skipped>,
 }
 
 /// Computes the peer set for node `self_name` whose public key is `own_key`.
@@ -76,7 +84,7 @@ pub fn desired_state(
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
 
     let mut candidates: Vec<NodeMeshInfo> = Vec::new();
-    for rec in nodes {
+    for rec in nodes.iter().copied() {
         if rec.name == self_name {
             out.self_seen = true;
             out.local_cidrs = rec
@@ -170,7 +178,128 @@ pub fn desired_state(
         );
     }
     out.skipped.sort_by(|a, b| a.node.cmp(&b.node));
+    add_host_addresses(self_name, &nodes, &mut out);
     out
+}
+
+/// Host encryption between this node and a peer, when both publish host addresses: the peer's
+/// addresses join its allowed IPs and the steered set, and this node's own traffic to the peer's
+/// pod CIDRs gets a route into the tunnel from its address of the same family. A peer's address
+/// that is not one of its InternalIPs, lies in a pod CIDR, is this node's own, or is claimed by
+/// two peers is left out (both claims), with a warning; the peer's pod traffic is unaffected.
+fn add_host_addresses(self_name: &str, nodes: &[&NodeRecord], out: &mut DesiredState) {
+    let Some(me) = nodes.iter().find(|n| n.name == self_name) else {
+        return;
+    };
+    let own = match me.host_addresses() {
+        Ok(own) => own,
+        Err(reason) => {
+            out.host_warnings.push(Skipped {
+                node: me.name.clone(),
+                reason,
+                expected: false,
+            });
+            return;
+        }
+    };
+    if own.is_empty() {
+        return;
+    }
+    let peered: BTreeMap<String, PublicKey> = out
+        .peers
+        .values()
+        .map(|p| (p.node.clone(), p.public_key))
+        .collect();
+    let in_pod_cidr = |ip: &IpAddr| {
+        out.cluster_cidrs
+            .iter()
+            .chain(out.local_cidrs.iter())
+            .any(|c| c.contains(ip))
+    };
+    let mut claims: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
+    let mut wanted: Vec<(&str, Vec<IpAddr>)> = Vec::new();
+    for rec in nodes
+        .iter()
+        .filter(|n| peered.contains_key(n.name.as_str()))
+    {
+        let addrs = match rec.host_addresses() {
+            Ok(a) => a,
+            Err(reason) => {
+                out.host_warnings.push(Skipped {
+                    node: rec.name.clone(),
+                    reason,
+                    expected: false,
+                });
+                continue;
+            }
+        };
+        let mut keep = Vec::new();
+        for ip in addrs {
+            let problem = if own.contains(&ip) {
+                Some(format!("host address {ip} is this node's own"))
+            } else if in_pod_cidr(&ip) {
+                Some(format!("host address {ip} lies in a pod CIDR"))
+            } else {
+                None
+            };
+            match problem {
+                Some(reason) => out.host_warnings.push(Skipped {
+                    node: rec.name.clone(),
+                    reason,
+                    expected: false,
+                }),
+                None => {
+                    claims.entry(ip).or_default().push(&rec.name);
+                    keep.push(ip);
+                }
+            }
+        }
+        if !keep.is_empty() {
+            wanted.push((&rec.name, keep));
+        }
+    }
+    for (name, addrs) in wanted {
+        let mut kept = Vec::new();
+        for ip in addrs {
+            let owners = &claims[&ip];
+            if owners.len() > 1 {
+                let others: Vec<&str> = owners.iter().copied().filter(|o| *o != name).collect();
+                out.host_warnings.push(Skipped {
+                    node: name.to_owned(),
+                    reason: format!(
+                        "host address {ip} is also published by node {}",
+                        others.join(", ")
+                    ),
+                    expected: false,
+                });
+            } else {
+                kept.push(ip);
+            }
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        let Some(peer) = out.peers.get_mut(&peered[name]) else {
+            continue;
+        };
+        for ip in &kept {
+            peer.allowed_ips.push(IpNet::from(*ip));
+            out.peer_hosts.insert(*ip);
+        }
+        peer.allowed_ips.sort();
+        peer.allowed_ips.dedup();
+        for cidr in peer
+            .allowed_ips
+            .iter()
+            .filter(|c| !kept.iter().any(|ip| IpNet::from(*ip) == **c))
+        {
+            if let Some(src) = own.iter().find(|o| o.is_ipv4() == cidr.addr().is_ipv4()) {
+                out.host_routes.insert(*cidr, *src);
+            }
+        }
+    }
+    out.host_warnings
+        .sort_by(|a, b| (&a.node, &a.reason).cmp(&(&b.node, &b.reason)));
 }
 
 /// Pairs of (node, cidr) from different nodes whose CIDRs overlap: a sweep over the ranges sorted
@@ -282,7 +411,9 @@ pub fn diff(
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
-    use wgmesh_api::annotations::{ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY};
+    use wgmesh_api::annotations::{
+        ANNOTATION_HOST_ADDRESSES, ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY,
+    };
 
     use super::*;
 
@@ -397,6 +528,190 @@ mod tests {
             let s = desired_state("a", &me, &nodes, 25);
             assert_eq!(peer_names(&s), peers, "peers: {name}");
             assert_eq!(skipped_names(&s), skipped, "skipped: {name}");
+        }
+    }
+
+    /// `node(...)` with InternalIPs `ips` and, if given, a host-addresses annotation.
+    fn hosted(mut rec: NodeRecord, ips: &[&str], published: Option<&str>) -> NodeRecord {
+        rec.internal_ips = ips.iter().map(|s| s.parse().unwrap()).collect();
+        if let Some(p) = published {
+            rec.annotations
+                .insert(ANNOTATION_HOST_ADDRESSES.into(), p.into());
+        }
+        rec
+    }
+
+    #[test]
+    fn table_of_host_encryption() {
+        let me = key(1);
+        let a = |published: Option<&str>| {
+            hosted(
+                node(
+                    "a",
+                    Some(me),
+                    "192.0.2.11",
+                    &["198.18.1.0/24", "2001:db8:1::/64"],
+                ),
+                &["192.0.2.11", "2001:db8::11"],
+                published,
+            )
+        };
+        let b = |published: Option<&str>| {
+            hosted(
+                node(
+                    "b",
+                    Some(key(2)),
+                    "192.0.2.12",
+                    &["198.18.2.0/24", "2001:db8:2::/64"],
+                ),
+                &["192.0.2.12", "2001:db8::12"],
+                published,
+            )
+        };
+        let c = |ip: &str, published: Option<&str>| {
+            hosted(
+                node("c", Some(key(3)), ip, &["198.18.3.0/24"]),
+                &[ip],
+                published,
+            )
+        };
+        let both = Some("192.0.2.11,2001:db8::11");
+        // (case, nodes, b's allowed IPs, peer hosts, host routes "cidr>src", warnings "node: reason")
+        type Case = (
+            &'static str,
+            Vec<NodeRecord>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+            Vec<&'static str>,
+        );
+        let b_pods = vec!["198.18.2.0/24", "2001:db8:2::/64"];
+        let cases: Vec<Case> = vec![
+            (
+                "neither publishes",
+                vec![a(None), b(None)],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "only this node publishes",
+                vec![a(both), b(None)],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "only the peer publishes",
+                vec![a(None), b(Some("192.0.2.12"))],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec![],
+            ),
+            (
+                "both, dual stack",
+                vec![a(both), b(Some("192.0.2.12,2001:db8::12"))],
+                vec![
+                    "192.0.2.12/32",
+                    "198.18.2.0/24",
+                    "2001:db8::12/128",
+                    "2001:db8:2::/64",
+                ],
+                vec!["192.0.2.12", "2001:db8::12"],
+                vec!["198.18.2.0/24>192.0.2.11", "2001:db8:2::/64>2001:db8::11"],
+                vec![],
+            ),
+            (
+                "this node has no IPv6 host address: no IPv6 route",
+                vec![a(Some("192.0.2.11")), b(Some("192.0.2.12"))],
+                vec!["192.0.2.12/32", "198.18.2.0/24", "2001:db8:2::/64"],
+                vec!["192.0.2.12"],
+                vec!["198.18.2.0/24>192.0.2.11"],
+                vec![],
+            ),
+            (
+                "peer claims an address that is not its InternalIP",
+                vec![a(both), b(Some("192.0.2.13"))],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec![
+                    "b: v1.wgmesh.io/host-addresses entry 192.0.2.13 is not one of the node's InternalIPs",
+                ],
+            ),
+            (
+                "two peers share an address: neither gets it",
+                vec![
+                    a(both),
+                    hosted(b(None), &["192.0.2.50"], Some("192.0.2.50")),
+                    c("192.0.2.50", Some("192.0.2.50")),
+                ],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec![
+                    "b: host address 192.0.2.50 is also published by node c",
+                    "c: host address 192.0.2.50 is also published by node b",
+                ],
+            ),
+            (
+                "peer's address inside a pod CIDR",
+                vec![
+                    a(both),
+                    hosted(b(None), &["198.18.3.7"], Some("198.18.3.7")),
+                    c("192.0.2.13", None),
+                ],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec!["b: host address 198.18.3.7 lies in a pod CIDR"],
+            ),
+            (
+                "peer claims this node's address",
+                vec![
+                    a(both),
+                    hosted(b(None), &["192.0.2.11"], Some("192.0.2.11")),
+                ],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec!["b: host address 192.0.2.11 is this node's own"],
+            ),
+            (
+                "this node's own annotation is malformed",
+                vec![a(Some("x")), b(Some("192.0.2.12"))],
+                b_pods.clone(),
+                vec![],
+                vec![],
+                vec!["a: malformed v1.wgmesh.io/host-addresses entry \"x\""],
+            ),
+        ];
+        for (name, nodes, allowed, hosts, routes, warnings) in cases {
+            let s = desired_state("a", &me, &nodes, 25);
+            let got: Vec<String> = s.peers[&key(2)]
+                .allowed_ips
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            assert_eq!(got, allowed, "allowed IPs: {name}");
+            let got: Vec<String> = s.peer_hosts.iter().map(|h| h.to_string()).collect();
+            assert_eq!(got, hosts, "peer hosts: {name}");
+            let got: Vec<String> = s
+                .host_routes
+                .iter()
+                .map(|(c, src)| format!("{c}>{src}"))
+                .collect();
+            assert_eq!(got, routes, "host routes: {name}");
+            let got: Vec<String> = s
+                .host_warnings
+                .iter()
+                .map(|w| format!("{}: {}", w.node, w.reason))
+                .collect();
+            assert_eq!(got, warnings, "warnings: {name}");
+            assert!(s.skipped.is_empty(), "pod peering unaffected: {name}");
         }
     }
 

@@ -2,12 +2,14 @@
 //! is idempotent: it reads what is there and changes only what differs.
 
 use std::{
+    collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
+use ipnet::IpNet;
 use rtnetlink::{
     Handle, IpVersion, LinkUnspec, MulticastGroup, RouteMessageBuilder,
     packet_core::NetlinkPayload,
@@ -15,7 +17,7 @@ use rtnetlink::{
         RouteNetlinkMessage,
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
-        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
         rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
@@ -364,6 +366,162 @@ impl Netlink {
         Ok(n)
     }
 
+    fn is_host_rule(r: &RuleMessage, table: u32, priority: u32) -> bool {
+        let a = &r.attributes;
+        a.contains(&RuleAttribute::Iifname(HOST_IIF.to_owned()))
+            && a.contains(&RuleAttribute::Priority(priority))
+            && (a.contains(&RuleAttribute::Table(table)) || u32::from(r.header.table) == table)
+    }
+
+    /// Ensures `iif lo lookup table` at `priority` (IPv4 and, best effort, IPv6): the node's own
+    /// packets consult the host-encryption table, which routes peered pod CIDRs into the tunnel.
+    /// A lookup that finds no route there falls through to the next rule.
+    pub async fn ensure_host_rules(&self, table: u32, priority: u32) -> Result<(), Error> {
+        for v in [IpVersion::V4, IpVersion::V6] {
+            if self
+                .rules(v.clone())
+                .await?
+                .iter()
+                .any(|r| Self::is_host_rule(r, table, priority))
+            {
+                continue;
+            }
+            let add = self
+                .handle
+                .rule()
+                .add()
+                .input_interface(HOST_IIF)
+                .priority(priority)
+                .table_id(table)
+                .action(RuleAction::ToTable);
+            let r = match v {
+                IpVersion::V4 => add.v4().execute().await,
+                IpVersion::V6 => add.v6().execute().await,
+            };
+            match (r, v) {
+                (Ok(()), _) => {}
+                (Err(rtnetlink::Error::NetlinkError(e)), _)
+                    if e.raw_code().abs() == libc::EEXIST => {}
+                (Err(e), IpVersion::V6) => {
+                    tracing::warn!(error = %e, "cannot add the IPv6 host-encryption rule; IPv6 host traffic stays outside the tunnel")
+                }
+                (Err(e), IpVersion::V4) => return Err(req("add host-encryption rule")(e)),
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn delete_host_rules(&self, table: u32, priority: u32) -> Result<usize, Error> {
+        let mut n = 0;
+        for v in [IpVersion::V4, IpVersion::V6] {
+            for r in self.rules(v).await? {
+                if Self::is_host_rule(&r, table, priority) {
+                    self.handle
+                        .rule()
+                        .del(r)
+                        .execute()
+                        .await
+                        .map_err(req("delete host-encryption rule"))?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn table_routes(&self, table: u32) -> Result<Vec<RouteMessage>, Error> {
+        let mut out = Vec::new();
+        for v in [IpVersion::V4, IpVersion::V6] {
+            let filter = match v {
+                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .table_id(table)
+                    .build(),
+                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .table_id(table)
+                    .build(),
+            };
+            let routes: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(filter)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(req("list routes"))?;
+            out.extend(routes.into_iter().filter(|r| {
+                r.attributes.contains(&RouteAttribute::Table(table))
+                    || u32::from(r.header.table) == table
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Makes `table` hold `want`: one route per pod CIDR, `dev <oif> src <address>`. Adds and
+    /// repoints first (`replace`), then, with `prune`, deletes what is no longer wanted. Returns
+    /// (added or changed, deleted).
+    pub async fn sync_host_routes(
+        &self,
+        table: u32,
+        oif: u32,
+        want: &BTreeMap<IpNet, IpAddr>,
+        prune: bool,
+    ) -> Result<(usize, usize), Error> {
+        let mut have: BTreeMap<IpNet, (Option<IpAddr>, Option<u32>, RouteMessage)> =
+            BTreeMap::new();
+        for r in self.table_routes(table).await? {
+            if let Some((dst, src, dev)) = host_route_of(&r) {
+                have.insert(dst, (src, dev, r));
+            }
+        }
+        let mut added = 0;
+        for (dst, src) in want {
+            if have
+                .get(dst)
+                .is_some_and(|(s, d, _)| *s == Some(*src) && *d == Some(oif))
+            {
+                continue;
+            }
+            let msg = match (dst, src) {
+                (IpNet::V4(d), IpAddr::V4(s)) => RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(d.network(), d.prefix_len())
+                    .pref_source(*s)
+                    .output_interface(oif)
+                    .table_id(table)
+                    .scope(RouteScope::Link)
+                    .protocol(RouteProtocol::Static)
+                    .build(),
+                (IpNet::V6(d), IpAddr::V6(s)) => RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(d.network(), d.prefix_len())
+                    .pref_source(*s)
+                    .output_interface(oif)
+                    .table_id(table)
+                    .protocol(RouteProtocol::Static)
+                    .build(),
+                _ => continue,
+            };
+            self.handle
+                .route()
+                .add(msg)
+                .replace()
+                .execute()
+                .await
+                .map_err(req(format!("add host route {dst} src {src}")))?;
+            added += 1;
+        }
+        let mut deleted = 0;
+        for (dst, (_, _, msg)) in have {
+            if !prune || want.contains_key(&dst) {
+                continue;
+            }
+            match self.handle.route().del(msg).execute().await {
+                Ok(()) => deleted += 1,
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code().abs() == libc::ESRCH => {}
+                Err(e) => return Err(req(format!("delete host route {dst}"))(e)),
+            }
+        }
+        Ok((added, deleted))
+    }
+
     pub async fn delete_link(&self, name: &str) -> Result<bool, Error> {
         let Some(link) = self.link(name).await? else {
             return Ok(false);
@@ -413,4 +571,29 @@ pub fn ensure_sysctl(path: &str, value: &str) -> Result<bool, Error> {
     }
     std::fs::write(&full, value).map_err(err)?;
     Ok(true)
+}
+
+/// The interface name policy routing gives the node's own packets.
+const HOST_IIF: &str = "lo";
+
+/// (destination, preferred source, output interface) of a route, if it has a destination.
+fn host_route_of(r: &RouteMessage) -> Option<(IpNet, Option<IpAddr>, Option<u32>)> {
+    let addr = |a: &RouteAddress| match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    };
+    let mut dst = None;
+    let mut src = None;
+    let mut oif = None;
+    for a in &r.attributes {
+        match a {
+            RouteAttribute::Destination(d) => dst = addr(d),
+            RouteAttribute::PrefSource(s) => src = addr(s),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let net = IpNet::new(dst?, r.header.destination_prefix_length).ok()?;
+    Some((net, src, oif))
 }

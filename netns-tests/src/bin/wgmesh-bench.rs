@@ -1174,17 +1174,28 @@ mod control_section {
     const POLL: Duration = Duration::from_millis(50);
     const ANN_KEY: &str = "v1.wgmesh.io/public-key";
     const ANN_PORT: &str = "v1.wgmesh.io/listen-port";
+    const ANN_HOSTS: &str = "v1.wgmesh.io/host-addresses";
+    /// Fake nodes' own (host) addresses, one each, published for host encryption as every node
+    /// running wgmesh does: 198.18.128.0/17, outside every pod CIDR.
+    const FAKE_HOSTS: &str = "198.18.128.0/17";
 
     struct Fake {
         name: String,
         public: String,
         endpoint: (Ipv4Addr, u16),
         cidr: Ipv4Net,
+        /// A second InternalIP (the endpoint's is shared by 50 fakes), its host address.
+        host: Ipv4Addr,
     }
 
     fn fakes(n: usize, keys: &[(String, String)]) -> Result<Vec<Fake>> {
         let range: Ipv4Net = FAKE_RANGE.parse()?;
         let cidrs: Vec<Ipv4Net> = range.subnets(FAKE_PREFIX)?.take(n).collect();
+        let hosts: Vec<Ipv4Addr> = FAKE_HOSTS.parse::<Ipv4Net>()?.hosts().take(n).collect();
+        ensure!(
+            hosts.len() == n,
+            "{n} host addresses do not fit in {FAKE_HOSTS}"
+        );
         ensure!(
             cidrs.len() == n,
             "{n} /{FAKE_PREFIX}s do not fit in {FAKE_RANGE}"
@@ -1200,6 +1211,7 @@ mod control_section {
                     51820 + u16::try_from(i / 100).unwrap_or(0),
                 ),
                 cidr: cidrs[i],
+                host: hosts[i],
             })
             .collect())
     }
@@ -1210,10 +1222,14 @@ mod control_section {
         let mut bytes = 0usize;
         for f in fakes {
             let mut node = node_object(&f.name, IpAddr::V4(f.endpoint.0), &[IpNet::V4(f.cidr)]);
+            if let Some(addresses) = node["status"]["addresses"].as_array_mut() {
+                addresses.push(json!({ "type": "InternalIP", "address": f.host.to_string() }));
+            }
             node["metadata"]["annotations"] = json!({
                 ANN_KEY: f.public,
                 ANN_PORT: f.endpoint.1.to_string(),
                 "v1.wgmesh.io/key-generation": "1",
+                ANN_HOSTS: f.host.to_string(),
             });
             let created = api
                 .json("POST", "/api/v1/nodes", None, Some(&node))
@@ -1250,8 +1266,8 @@ mod control_section {
         );
         for f in fakes {
             text.push_str(&format!(
-                "\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = {}\nPersistentKeepalive = 25\n",
-                f.public, f.endpoint.0, f.endpoint.1, f.cidr
+                "\n[Peer]\nPublicKey = {}\nEndpoint = {}:{}\nAllowedIPs = {}, {}/32\nPersistentKeepalive = 25\n",
+                f.public, f.endpoint.0, f.endpoint.1, f.cidr, f.host
             ));
         }
         fs::write(&conf, text)?;

@@ -4,6 +4,7 @@
 
 mod backend;
 mod datapath;
+mod host;
 mod key_exchange;
 mod membership;
 mod resilience;

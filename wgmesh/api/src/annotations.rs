@@ -19,10 +19,17 @@ pub const ANNOTATION_ROTATE_REQUEST: &str = "v1.wgmesh.io/rotate-request";
 /// `failed`), start time, peers confirmed and pending.
 pub const ANNOTATION_ROTATION_STATUS: &str = "v1.wgmesh.io/rotation-status";
 
+/// The node's own addresses (comma-separated, each one of its InternalIPs) from which it sends
+/// host traffic to other nodes' pods through the tunnel, and which it accepts as its own through
+/// the tunnel. Present only while the node's agent runs with host encryption; two nodes encrypt
+/// host traffic between them only when both publish it.
+pub const ANNOTATION_HOST_ADDRESSES: &str = "v1.wgmesh.io/host-addresses";
+
 /// Every annotation the agent owns on its own Node (it publishes exactly these).
-pub const AGENT_OWNED: [&str; 4] = [
+pub const AGENT_OWNED: [&str; 5] = [
     ANNOTATION_PUBLIC_KEY,
     ANNOTATION_LISTEN_PORT,
     ANNOTATION_KEY_GENERATION,
     ANNOTATION_KEY_CREATED,
+    ANNOTATION_HOST_ADDRESSES,
 ];

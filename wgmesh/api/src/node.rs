@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use ipnet::IpNet;
 
 use crate::{
-    annotations::{ANNOTATION_KEY_GENERATION, ANNOTATION_LISTEN_PORT, ANNOTATION_PUBLIC_KEY},
+    annotations::{
+        ANNOTATION_HOST_ADDRESSES, ANNOTATION_KEY_GENERATION, ANNOTATION_LISTEN_PORT,
+        ANNOTATION_PUBLIC_KEY,
+    },
     key::{KeyError, PublicKey},
 };
 
@@ -62,6 +65,30 @@ impl NodeProblem {
 }
 
 impl NodeRecord {
+    /// The host addresses the node publishes ([`ANNOTATION_HOST_ADDRESSES`]): empty when it does
+    /// not encrypt host traffic. Every address must be one of the node's InternalIPs (which the
+    /// kubelet, not the agent, writes), so an agent cannot claim another node's address.
+    pub fn host_addresses(&self) -> Result<Vec<IpAddr>, String> {
+        let Some(text) = self.annotations.get(ANNOTATION_HOST_ADDRESSES) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let ip: IpAddr = part
+                .parse()
+                .map_err(|_| format!("malformed {ANNOTATION_HOST_ADDRESSES} entry {part:?}"))?;
+            if !self.internal_ips.contains(&ip) {
+                return Err(format!(
+                    "{ANNOTATION_HOST_ADDRESSES} entry {ip} is not one of the node's InternalIPs"
+                ));
+            }
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads the node's mesh identity. Pure: the same record always gives the same answer.
     pub fn mesh_info(&self) -> Result<NodeMeshInfo, NodeProblem> {
         let key = self
@@ -144,6 +171,53 @@ mod tests {
                 .collect(),
             internal_ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn table_of_host_addresses() {
+        let ips = ["192.0.2.11", "2001:db8::11"];
+        let ok = |v: &[&str]| {
+            Ok(v.iter()
+                .map(|s| s.parse().unwrap())
+                .collect::<Vec<IpAddr>>())
+        };
+        type Case = (
+            &'static str,
+            Option<&'static str>,
+            Result<Vec<IpAddr>, String>,
+        );
+        let cases: Vec<Case> = vec![
+            ("absent: no host encryption", None, ok(&[])),
+            ("one address", Some("192.0.2.11"), ok(&["192.0.2.11"])),
+            (
+                "dual stack, spaces, a repeat",
+                Some(" 192.0.2.11, 2001:db8::11 ,192.0.2.11"),
+                ok(&["192.0.2.11", "2001:db8::11"]),
+            ),
+            ("empty value", Some(""), ok(&[])),
+            (
+                "garbage",
+                Some("192.0.2.11,nope"),
+                Err(format!(
+                    "malformed {ANNOTATION_HOST_ADDRESSES} entry \"nope\""
+                )),
+            ),
+            (
+                "another node's address",
+                Some("192.0.2.12"),
+                Err(format!(
+                    "{ANNOTATION_HOST_ADDRESSES} entry 192.0.2.12 is not one of the node's InternalIPs"
+                )),
+            ),
+        ];
+        for (name, value, want) in cases {
+            let annotations: Vec<(&str, &str)> = value
+                .map(|v| (ANNOTATION_HOST_ADDRESSES, v))
+                .into_iter()
+                .collect();
+            let rec = record(&annotations, &ips, &["198.18.1.0/24"]);
+            assert_eq!(rec.host_addresses(), want, "{name}");
         }
     }
 

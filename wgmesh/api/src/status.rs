@@ -33,6 +33,28 @@ pub struct AgentStatus {
     /// read when `/status` is requested. `None` when the device cannot be read.
     #[serde(default)]
     pub device: Option<DeviceStatus>,
+    /// Host encryption (absent from agents that predate it).
+    #[serde(default)]
+    pub host_encryption: HostEncryptionStatus,
+}
+
+/// The node's own traffic to other nodes' pods, and pods' traffic to other nodes' addresses.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct HostEncryptionStatus {
+    /// `--host-encryption` is on.
+    pub enabled: bool,
+    /// The addresses this node publishes in `v1.wgmesh.io/host-addresses`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Peers whose host addresses are in the tunnel (both sides publish).
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Routes of the node's own traffic into the tunnel (pod CIDR → source address).
+    #[serde(default)]
+    pub routes: usize,
+    /// Host addresses left out, and why.
+    #[serde(default)]
+    pub warnings: Vec<SkippedNode>,
 }
 
 /// What `wg show <iface> dump` shows, in the same units.
