@@ -160,6 +160,33 @@ pub fn open_device(args: &RunArgs) -> Result<Box<dyn WgDevice>, wireguard::Error
     }
 }
 
+/// What the eBPF maps should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MapContents {
+    remote: BTreeSet<IpNet>,
+    cluster: BTreeSet<IpNet>,
+    local: BTreeSet<IpNet>,
+    hosts: BTreeSet<IpAddr>,
+}
+
+impl MapContents {
+    fn of(d: &DesiredState) -> Self {
+        Self {
+            remote: d.remote_cidrs.clone(),
+            cluster: d.cluster_cidrs.clone(),
+            local: d.local_cidrs.clone(),
+            hosts: d.peer_hosts.clone(),
+        }
+    }
+
+    fn holds(&self, d: &DesiredState) -> bool {
+        self.remote == d.remote_cidrs
+            && self.cluster == d.cluster_cidrs
+            && self.local == d.local_cidrs
+            && self.hosts == d.peer_hosts
+    }
+}
+
 pub struct Agent {
     args: RunArgs,
     key: NodeKey,
@@ -191,6 +218,10 @@ pub struct Agent {
     /// Host routes last written (tunnel index, routes), so a pass without changes skips the
     /// route dump; cleared whenever the plumbing is redone.
     host_routes_applied: Option<(u32, BTreeMap<IpNet, IpAddr>)>,
+    /// The eBPF map contents last written after the initial list (remote, cluster, local CIDRs,
+    /// peer hosts): a pass that wants the same skips reading 5,000-entry maps back. Cleared with
+    /// the plumbing (the periodic resync), so drift is repaired.
+    maps_applied: Option<MapContents>,
     last_host_warnings: Vec<Skipped>,
     /// The device as the last reconcile left it (its read plus the changes it made), for the
     /// status that follows, so a pass reads the device once.
@@ -291,6 +322,7 @@ impl Agent {
             plumbed: None,
             plumbing_due: true,
             host_routes_applied: None,
+            maps_applied: None,
             last_host_warnings: Vec::new(),
             device_after_apply: None,
             shared,
@@ -411,6 +443,7 @@ impl Agent {
         }
         // Rewritten (and checked against the kernel) on the next pass.
         self.host_routes_applied = None;
+        self.maps_applied = None;
         Ok(())
     }
 
@@ -629,6 +662,7 @@ impl Agent {
         let synced = self.synced;
         let device = &mut self.device;
         let datapath = &mut self.datapath;
+        let maps_applied = &mut self.maps_applied;
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
             device
                 .add_peers(&diff.add)
@@ -648,10 +682,17 @@ impl Agent {
                 tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
                 count("update");
             }
-            if synced {
+            if synced && maps_applied.as_ref().is_some_and(|m| m.holds(desired)) {
+                // Nothing to write; the periodic resync re-reads the maps.
+            } else if synced {
+                *maps_applied = None;
                 datapath.sync_remote_cidrs(&desired.remote_cidrs)?;
                 datapath.sync_cluster_cidrs(&desired.cluster_cidrs)?;
                 datapath.sync_peer_hosts(&desired.peer_hosts)?;
+                if !desired.local_cidrs.is_empty() {
+                    datapath.sync_local_cidrs(&desired.local_cidrs)?;
+                }
+                *maps_applied = Some(MapContents::of(desired));
             } else {
                 // Before the initial list, an absent CIDR may just not have been seen yet.
                 let mut remote = desired.remote_cidrs.clone();
@@ -663,9 +704,9 @@ impl Agent {
                 let mut hosts = desired.peer_hosts.clone();
                 hosts.extend(datapath.peer_hosts()?);
                 datapath.sync_peer_hosts(&hosts)?;
-            }
-            if !desired.local_cidrs.is_empty() {
-                datapath.sync_local_cidrs(&desired.local_cidrs)?;
+                if !desired.local_cidrs.is_empty() {
+                    datapath.sync_local_cidrs(&desired.local_cidrs)?;
+                }
             }
             for k in &diff.remove {
                 device

@@ -210,11 +210,20 @@ fn add_host_addresses(self_name: &str, nodes: &[&NodeRecord], out: &mut DesiredS
         .values()
         .map(|p| (p.node.clone(), p.public_key))
         .collect();
+    // One set probe per prefix length in use instead of a scan of every CIDR: this runs for every
+    // peer on every pass.
+    let lens: BTreeSet<(bool, u8)> = out
+        .cluster_cidrs
+        .iter()
+        .chain(out.local_cidrs.iter())
+        .map(|c| (c.addr().is_ipv4(), c.prefix_len()))
+        .collect();
     let in_pod_cidr = |ip: &IpAddr| {
-        out.cluster_cidrs
-            .iter()
-            .chain(out.local_cidrs.iter())
-            .any(|c| c.contains(ip))
+        lens.iter()
+            .filter(|(v4, _)| *v4 == ip.is_ipv4())
+            .filter_map(|(_, len)| IpNet::new(*ip, *len).ok())
+            .map(|n| n.trunc())
+            .any(|n| out.cluster_cidrs.contains(&n) || out.local_cidrs.contains(&n))
     };
     let mut claims: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
     let mut wanted: Vec<(&str, Vec<IpAddr>)> = Vec::new();
@@ -738,6 +747,24 @@ mod tests {
             .insert(ANNOTATION_PUBLIC_KEY.into(), me.to_string());
         let s = desired_state("a", &me, &nodes, 25);
         assert_eq!(s.peers.len(), 4999);
+        assert!(s.peer_hosts.is_empty() && s.host_routes.is_empty());
+        // Everyone publishes a host address of its own: host encryption with every peer.
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let ip = format!("192.0.{}.{}", 100 + i / 250, 1 + i % 250);
+            n.internal_ips = vec![ip.parse().unwrap()];
+            n.annotations.insert(ANNOTATION_HOST_ADDRESSES.into(), ip);
+        }
+        let s = desired_state("a", &me, &nodes, 25);
+        assert_eq!(
+            (s.peers.len(), s.peer_hosts.len(), s.host_routes.len()),
+            (4999, 4999, 4999)
+        );
+        assert!(s.host_warnings.is_empty(), "{:?}", &s.host_warnings[..3]);
+        assert!(
+            s.host_routes
+                .values()
+                .all(|src| src.to_string() == "192.0.100.1")
+        );
         // A wide CIDR on one node knocks out only itself and the nodes it overlaps.
         nodes[4999].pod_cidrs = vec!["10.3.0.0/16".into()];
         let s = desired_state("a", &me, &nodes, 25);

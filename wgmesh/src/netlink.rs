@@ -234,15 +234,7 @@ impl Netlink {
 
     /// Ensures `fwmark/fwmask lookup table` at `priority`, for IPv4 and (best effort) IPv6.
     pub async fn ensure_rules(&self, p: &PolicyRouting) -> Result<(), Error> {
-        for v in [IpVersion::V4, IpVersion::V6] {
-            let present = self
-                .rules(v.clone())
-                .await?
-                .iter()
-                .any(|r| Self::is_our_rule(r, p));
-            if present {
-                continue;
-            }
+        let rule = || {
             let mut add = self
                 .handle
                 .rule()
@@ -254,36 +246,68 @@ impl Netlink {
             add.message_mut()
                 .attributes
                 .push(RuleAttribute::FwMask(p.fwmask));
+            add
+        };
+        self.ensure_rule_pair(
+            "fwmark rule",
+            "IPv6 pod traffic will not be steered",
+            |r| Self::is_our_rule(r, p),
+            rule,
+        )
+        .await
+    }
+
+    pub async fn delete_rules(&self, p: &PolicyRouting) -> Result<usize, Error> {
+        self.delete_matching_rules("fwmark rule", |r| Self::is_our_rule(r, p))
+            .await
+    }
+
+    /// Adds the rule `add` builds, for IPv4 and IPv6, where no rule `ours` accepts exists. IPv6
+    /// is best effort (a node may have it disabled): its failure is logged with `v6_impact`.
+    async fn ensure_rule_pair(
+        &self,
+        what: &str,
+        v6_impact: &str,
+        ours: impl Fn(&RuleMessage) -> bool,
+        add: impl Fn() -> rtnetlink::RuleAddRequest,
+    ) -> Result<(), Error> {
+        for v in [IpVersion::V4, IpVersion::V6] {
+            if self.rules(v.clone()).await?.iter().any(&ours) {
+                continue;
+            }
             let r = match v {
-                IpVersion::V4 => add.v4().execute().await,
-                IpVersion::V6 => add.v6().execute().await,
+                IpVersion::V4 => add().v4().execute().await,
+                IpVersion::V6 => add().v6().execute().await,
             };
             match (r, v) {
                 (Ok(()), _) => {}
                 (Err(rtnetlink::Error::NetlinkError(e)), _)
                     if e.raw_code().abs() == libc::EEXIST => {}
                 (Err(e), IpVersion::V6) => {
-                    tracing::warn!(error = %e, "cannot add the IPv6 fwmark rule; IPv6 pod traffic will not be steered")
+                    tracing::warn!(error = %e, "cannot add the IPv6 {what}; {v6_impact}")
                 }
-                (Err(e), IpVersion::V4) => return Err(req("add fwmark rule")(e)),
+                (Err(e), IpVersion::V4) => return Err(req(format!("add {what}"))(e)),
             }
         }
         Ok(())
     }
 
-    pub async fn delete_rules(&self, p: &PolicyRouting) -> Result<usize, Error> {
+    /// Deletes every rule (IPv4 and IPv6) `ours` accepts; returns how many.
+    async fn delete_matching_rules(
+        &self,
+        what: &str,
+        ours: impl Fn(&RuleMessage) -> bool,
+    ) -> Result<usize, Error> {
         let mut n = 0;
         for v in [IpVersion::V4, IpVersion::V6] {
-            for r in self.rules(v).await? {
-                if Self::is_our_rule(&r, p) {
-                    self.handle
-                        .rule()
-                        .del(r)
-                        .execute()
-                        .await
-                        .map_err(req("delete fwmark rule"))?;
-                    n += 1;
-                }
+            for r in self.rules(v).await?.into_iter().filter(|r| ours(r)) {
+                self.handle
+                    .rule()
+                    .del(r)
+                    .execute()
+                    .await
+                    .map_err(req(format!("delete {what}")))?;
+                n += 1;
             }
         }
         Ok(n)
@@ -377,56 +401,29 @@ impl Netlink {
     /// packets consult the host-encryption table, which routes peered pod CIDRs into the tunnel.
     /// A lookup that finds no route there falls through to the next rule.
     pub async fn ensure_host_rules(&self, table: u32, priority: u32) -> Result<(), Error> {
-        for v in [IpVersion::V4, IpVersion::V6] {
-            if self
-                .rules(v.clone())
-                .await?
-                .iter()
-                .any(|r| Self::is_host_rule(r, table, priority))
-            {
-                continue;
-            }
-            let add = self
-                .handle
+        let rule = || {
+            self.handle
                 .rule()
                 .add()
                 .input_interface(HOST_IIF)
                 .priority(priority)
                 .table_id(table)
-                .action(RuleAction::ToTable);
-            let r = match v {
-                IpVersion::V4 => add.v4().execute().await,
-                IpVersion::V6 => add.v6().execute().await,
-            };
-            match (r, v) {
-                (Ok(()), _) => {}
-                (Err(rtnetlink::Error::NetlinkError(e)), _)
-                    if e.raw_code().abs() == libc::EEXIST => {}
-                (Err(e), IpVersion::V6) => {
-                    tracing::warn!(error = %e, "cannot add the IPv6 host-encryption rule; IPv6 host traffic stays outside the tunnel")
-                }
-                (Err(e), IpVersion::V4) => return Err(req("add host-encryption rule")(e)),
-            }
-        }
-        Ok(())
+                .action(RuleAction::ToTable)
+        };
+        self.ensure_rule_pair(
+            "host-encryption rule",
+            "IPv6 host traffic stays outside the tunnel",
+            |r| Self::is_host_rule(r, table, priority),
+            rule,
+        )
+        .await
     }
 
     pub async fn delete_host_rules(&self, table: u32, priority: u32) -> Result<usize, Error> {
-        let mut n = 0;
-        for v in [IpVersion::V4, IpVersion::V6] {
-            for r in self.rules(v).await? {
-                if Self::is_host_rule(&r, table, priority) {
-                    self.handle
-                        .rule()
-                        .del(r)
-                        .execute()
-                        .await
-                        .map_err(req("delete host-encryption rule"))?;
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
+        self.delete_matching_rules("host-encryption rule", |r| {
+            Self::is_host_rule(r, table, priority)
+        })
+        .await
     }
 
     async fn table_routes(&self, table: u32) -> Result<Vec<RouteMessage>, Error> {

@@ -19,7 +19,8 @@ const HOST_ADDRESSES: &str = "v1.wgmesh.io/host-addresses";
 /// uplink guard counted no leak;
 /// when node a pings c1 and c1 pings node a,
 /// then that works too, in the clear (c opted out: the capture sees it, so it would have seen a
-/// leak above), and the node-to-node path (a pinging node b) stays outside the tunnel.
+/// leak above), and the node-to-node path (a pinging node b) stays outside the tunnel;
+/// and `wgmesh-agent cleanup` removes the host rule and its routes.
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn node_traffic_to_remote_pods_is_encrypted_between_nodes_that_both_opt_in() -> TestResult {
@@ -116,6 +117,24 @@ fn node_traffic_to_remote_pods_is_encrypted_between_nodes_that_both_opt_in() -> 
     ensure!(
         summary.wireguard.transport == 0,
         "node-to-node traffic went through the tunnel: {summary}"
+    );
+
+    // `wgmesh-agent cleanup` takes the host rule and its table away with the rest.
+    ensure!(
+        a.ip(["rule", "show"])?.contains("lookup 51821"),
+        "no host rule on a"
+    );
+    a.stop_agent(Signal::SIGTERM)?;
+    a.cleanup()?;
+    let rules = a.ip(["rule", "show"])? + &a.ip(["-6", "rule", "show"])?;
+    ensure!(
+        !rules.contains("51821") && !rules.contains("51820"),
+        "rules left after cleanup:\n{rules}"
+    );
+    let routes = a.ip(["route", "show", "table", "all"])?;
+    ensure!(
+        !routes.contains("table 51821") && !routes.contains("table 51820"),
+        "routes left after cleanup:\n{routes}"
     );
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{bed, converged, flood_interval, published_key, wgmeshctl_on};
+use crate::support::{flood_interval, handshaken_mesh, published_key, wgmeshctl_on};
 
 /// Given a two-node mesh with an established TCP stream a1 -> b1 and a 100 packet/s ping b1 -> a1,
 /// when node a is asked to rotate its key,
@@ -15,13 +15,7 @@ use crate::support::{bed, converged, flood_interval, published_key, wgmeshctl_on
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn rotation_keeps_streams_and_reaches_every_peer() -> TestResult {
-    let bed = bed("rotate")
-        .node("a", |n| n.pod("a1"))
-        .node("b", |n| n.pod("b1"))
-        .node("c", |n| n.pod("c1"))
-        .start()?;
-    converged(&bed)?;
-    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    let bed = handshaken_mesh("rotate", &["a", "b", "c"])?;
     let api = bed.api()?;
     let a = bed.node("a");
     let old_key = published_key(&bed, "a")?;
@@ -191,12 +185,7 @@ fn rotation_completes(bed: &Testbed, name: &str, generation: u64) -> Result<Stri
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn rotation_interrupted_by_agent_restarts_is_finished_by_the_next_agent() -> TestResult {
-    let bed = bed("rotate-restart")
-        .node("a", |n| n.pod("a1"))
-        .node("b", |n| n.pod("b1"))
-        .start()?;
-    converged(&bed)?;
-    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    let bed = handshaken_mesh("rotate-restart", &["a", "b"])?;
     let api = bed.api()?;
     let (a, b) = (bed.node("a"), bed.node("b"));
     let (a1, b1) = (bed.pod("a1"), bed.pod("b1"));
@@ -285,13 +274,7 @@ fn rotation_interrupted_by_agent_restarts_is_finished_by_the_next_agent() -> Tes
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn rotate_all_rotates_every_live_node_in_turn() -> TestResult {
-    let bed = bed("rotate-all")
-        .node("a", |n| n.pod("a1"))
-        .node("b", |n| n.pod("b1"))
-        .node("c", |n| n.pod("c1"))
-        .start()?;
-    converged(&bed)?;
-    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    let bed = handshaken_mesh("rotate-all", &["a", "b", "c"])?;
     let names = ["a", "b", "c"];
     let old: Vec<String> = names
         .iter()

@@ -6,7 +6,7 @@ use std::time::UNIX_EPOCH;
 use serde_json::Value;
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{bed, converged, parse_rfc3339, wgmeshctl_on};
+use crate::support::{handshaken_mesh, parse_rfc3339, wgmeshctl_on};
 
 /// `wg show dump` reduced to comparable text rows, and the same rows from the agent's status.
 fn rows_from_dump(d: &WgDump) -> Vec<String> {
@@ -113,13 +113,7 @@ fn rows_from_wgmeshctl(doc: &Value) -> Vec<String> {
 #[test]
 #[ignore = "needs root + netns: run `make test-netns`"]
 fn agent_status_matches_wg_show() -> TestResult {
-    let bed = bed("status")
-        .node("a", |n| n.pod("a1"))
-        .node("b", |n| n.pod("b1"))
-        .node("c", |n| n.pod("c1"))
-        .start()?;
-    converged(&bed)?;
-    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    let bed = handshaken_mesh("status", &["a", "b", "c"])?;
     for n in bed.nodes() {
         bed.eventually(&format!("{}'s status matches wg show", n.name()), || {
             let before = n.wg_show_dump()?;

@@ -120,3 +120,17 @@ pub fn flood_interval() -> Duration {
         Duration::from_millis(10)
     }
 }
+
+/// A started testbed of nodes `names`, each with one pod `<name>1`, converged and with every
+/// handshake done: the starting point of the scenarios about running meshes.
+pub fn handshaken_mesh(label: &str, names: &[&str]) -> Result<Testbed> {
+    let mut builder = bed(label);
+    for name in names {
+        let pod = format!("{name}1");
+        builder = builder.node(name, move |n| n.pod(&pod));
+    }
+    let bed = builder.start()?;
+    converged(&bed)?;
+    bed.eventually("handshakes done", || bed.assert_handshakes())?;
+    Ok(bed)
+}
