@@ -160,6 +160,16 @@ pub fn open_device(args: &RunArgs) -> Result<Box<dyn WgDevice>, wireguard::Error
     }
 }
 
+/// Durations of a reconcile pass's steps: desired state and diff, device writes, eBPF maps,
+/// host routes.
+#[derive(Debug, Clone, Copy, Default)]
+struct PassTimes {
+    compute: Duration,
+    device: Duration,
+    maps: Duration,
+    routes: Duration,
+}
+
 /// What the eBPF maps should hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct MapContents {
@@ -222,6 +232,8 @@ pub struct Agent {
     /// peer hosts): a pass that wants the same skips reading 5,000-entry maps back. Cleared with
     /// the plumbing (the periodic resync), so drift is repaired.
     maps_applied: Option<MapContents>,
+    /// Where the last pass spent its time (logged with "peers reconciled").
+    pass_times: PassTimes,
     last_host_warnings: Vec<Skipped>,
     /// The device as the last reconcile left it (its read plus the changes it made), for the
     /// status that follows, so a pass reads the device once.
@@ -323,6 +335,7 @@ impl Agent {
             plumbing_due: true,
             host_routes_applied: None,
             maps_applied: None,
+            pass_times: PassTimes::default(),
             last_host_warnings: Vec::new(),
             device_after_apply: None,
             shared,
@@ -601,11 +614,17 @@ impl Agent {
             tracing::warn!(error = %e, "reconcile failed; retrying on the next event or resync");
         }
         if !diff.is_empty() {
+            let t = &self.pass_times;
             tracing::info!(
                 added = diff.add.len(),
                 updated = diff.update.len(),
                 removed = diff.remove.len(),
                 peers = self.desired.peers.len(),
+                ms = started.elapsed().as_millis() as u64,
+                compute_ms = t.compute.as_millis() as u64,
+                device_ms = t.device.as_millis() as u64,
+                maps_ms = t.maps.as_millis() as u64,
+                routes_ms = t.routes.as_millis() as u64,
                 "peers reconciled"
             );
         }
@@ -622,6 +641,8 @@ impl Agent {
 
     async fn apply(&mut self, nodes: &[NodeRecord]) -> anyhow::Result<PeerDiff> {
         self.ensure_local_plumbing(nodes).await?;
+        let t0 = Instant::now();
+        self.pass_times = PassTimes::default();
         let desired = mesh::desired_state(
             &self.args.node_name,
             &self.identity.public_key,
@@ -663,7 +684,10 @@ impl Agent {
         let device = &mut self.device;
         let datapath = &mut self.datapath;
         let maps_applied = &mut self.maps_applied;
+        let times = &mut self.pass_times;
+        times.compute = t0.elapsed();
         tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            let t = Instant::now();
             device
                 .add_peers(&diff.add)
                 .with_context(|| format!("adding {} peers", diff.add.len()))?;
@@ -682,6 +706,8 @@ impl Agent {
                 tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
                 count("update");
             }
+            times.device = t.elapsed();
+            let t = Instant::now();
             if synced && maps_applied.as_ref().is_some_and(|m| m.holds(desired)) {
                 // Nothing to write; the periodic resync re-reads the maps.
             } else if synced {
@@ -708,6 +734,8 @@ impl Agent {
                     datapath.sync_local_cidrs(&desired.local_cidrs)?;
                 }
             }
+            times.maps = t.elapsed();
+            let t = Instant::now();
             for k in &diff.remove {
                 device
                     .remove_peer(k)
@@ -715,6 +743,7 @@ impl Agent {
                 tracing::info!(public_key = %k, "stale peer removed");
                 count("remove");
             }
+            times.device += t.elapsed();
             Ok(())
         })?;
         for p in &diff.add {
@@ -735,7 +764,9 @@ impl Agent {
             state.peers.remove(k);
         }
         self.device_after_apply = Some(state);
+        let t = Instant::now();
         self.sync_host_routes().await?;
+        self.pass_times.routes = t.elapsed();
         Ok(diff)
     }
 
