@@ -211,6 +211,9 @@ pub struct Agent {
     uplink_attached: bool,
     mtu: Option<u32>,
     published: bool,
+    /// The host addresses known to be on this node's Node (published by this process or seen
+    /// there): peers accept this node's host traffic only from these, so only these are routed.
+    published_hosts: Vec<IpAddr>,
     rotation: Option<rotation::Progress>,
     /// Whether this process looked for a rotation an earlier process left unreported.
     rotation_resume_checked: bool,
@@ -324,6 +327,7 @@ impl Agent {
             attached: BTreeSet::new(),
             uplink_attached: false,
             published: false,
+            published_hosts: Vec::new(),
             rotation: None,
             rotation_resume_checked: false,
             key_in_use_since,
@@ -571,12 +575,14 @@ impl Agent {
                 && !m.internal_ips.is_empty())
             .then(|| m.internal_ips.clone());
         }
-        if self.published && me.is_none_or(|m| self.identity.is_published_on(m)) {
+        let on_node = me.is_some_and(|m| self.identity.is_published_on(m));
+        if on_node {
+            self.published_hosts = self.identity.host_addresses.clone().unwrap_or_default();
+        }
+        if self.published && (me.is_none() || on_node) {
             return;
         }
-        if let Some(m) = me
-            && self.identity.is_published_on(m)
-        {
+        if on_node {
             self.published = true;
             return;
         }
@@ -587,6 +593,7 @@ impl Agent {
                     tracing::info!(node = %self.args.node_name, public_key = %self.identity.public_key, "published the node's public key");
                 }
                 self.published = true;
+                self.published_hosts = self.identity.host_addresses.clone().unwrap_or_default();
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot publish the node's public key yet; retrying")
@@ -643,11 +650,12 @@ impl Agent {
         self.ensure_local_plumbing(nodes).await?;
         let t0 = Instant::now();
         self.pass_times = PassTimes::default();
-        let desired = mesh::desired_state(
+        let desired = mesh::desired_state_with_hosts(
             &self.args.node_name,
             &self.identity.public_key,
             nodes,
             self.args.keepalive,
+            Some(&self.published_hosts),
         );
         self.log_skipped(&desired.skipped);
         self.log_host_warnings(&desired.host_warnings);
@@ -699,11 +707,15 @@ impl Agent {
                 }
                 count("add");
             }
+            device
+                .update_peers(&diff.update)
+                .with_context(|| format!("updating {} peers", diff.update.len()))?;
             for p in &diff.update {
-                device
-                    .update_peer(p)
-                    .with_context(|| format!("updating peer {}", p.node))?;
-                tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
+                if diff.update.len() <= 16 {
+                    tracing::info!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
+                } else {
+                    tracing::debug!(peer = %p.node, endpoint = %p.endpoint, "peer updated");
+                }
                 count("update");
             }
             times.device = t.elapsed();

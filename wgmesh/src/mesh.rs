@@ -79,6 +79,20 @@ pub fn desired_state(
     nodes: &[NodeRecord],
     keepalive: u16,
 ) -> DesiredState {
+    desired_state_with_hosts(self_name, own_key, nodes, keepalive, None)
+}
+
+/// [`desired_state`], with this node's host addresses given (`own_hosts`) instead of read from its
+/// Node's annotation: the agent passes what it publishes, so the pass that publishes them already
+/// programs host encryption (the annotation comes back through the watch only later, and every
+/// peer would be updated a second time).
+pub fn desired_state_with_hosts(
+    self_name: &str,
+    own_key: &PublicKey,
+    nodes: &[NodeRecord],
+    keepalive: u16,
+    own_hosts: Option<&[IpAddr]>,
+) -> DesiredState {
     let mut out = DesiredState::default();
     let mut nodes: Vec<&NodeRecord> = nodes.iter().collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -178,7 +192,7 @@ pub fn desired_state(
         );
     }
     out.skipped.sort_by(|a, b| a.node.cmp(&b.node));
-    add_host_addresses(self_name, &nodes, &mut out);
+    add_host_addresses(self_name, &nodes, own_hosts, &mut out);
     out
 }
 
@@ -187,20 +201,26 @@ pub fn desired_state(
 /// pod CIDRs gets a route into the tunnel from its address of the same family. A peer's address
 /// that is not one of its InternalIPs, lies in a pod CIDR, is this node's own, or is claimed by
 /// two peers is left out (both claims), with a warning; the peer's pod traffic is unaffected.
-fn add_host_addresses(self_name: &str, nodes: &[&NodeRecord], out: &mut DesiredState) {
-    let Some(me) = nodes.iter().find(|n| n.name == self_name) else {
-        return;
-    };
-    let own = match me.host_addresses() {
-        Ok(own) => own,
-        Err(reason) => {
-            out.host_warnings.push(Skipped {
-                node: me.name.clone(),
-                reason,
-                expected: false,
-            });
-            return;
-        }
+fn add_host_addresses(
+    self_name: &str,
+    nodes: &[&NodeRecord],
+    own_hosts: Option<&[IpAddr]>,
+    out: &mut DesiredState,
+) {
+    let own = match (own_hosts, nodes.iter().find(|n| n.name == self_name)) {
+        (Some(given), _) => given.to_vec(),
+        (None, None) => return,
+        (None, Some(me)) => match me.host_addresses() {
+            Ok(own) => own,
+            Err(reason) => {
+                out.host_warnings.push(Skipped {
+                    node: me.name.clone(),
+                    reason,
+                    expected: false,
+                });
+                return;
+            }
+        },
     };
     if own.is_empty() {
         return;
@@ -698,6 +718,26 @@ mod tests {
                 vec!["a: malformed v1.wgmesh.io/host-addresses entry \"x\""],
             ),
         ];
+        // The agent passes what it is about to publish: the same result as once it is published.
+        let given: Vec<IpAddr> = vec!["192.0.2.11".parse().unwrap()];
+        let s = desired_state_with_hosts(
+            "a",
+            &me,
+            &[a(None), b(Some("192.0.2.12"))],
+            25,
+            Some(&given),
+        );
+        assert_eq!(
+            s.host_routes.len(),
+            1,
+            "given addresses count before the annotation"
+        );
+        let s =
+            desired_state_with_hosts("a", &me, &[a(both), b(Some("192.0.2.12"))], 25, Some(&[]));
+        assert!(
+            s.host_routes.is_empty() && s.peer_hosts.is_empty(),
+            "given none: off"
+        );
         for (name, nodes, allowed, hosts, routes, warnings) in cases {
             let s = desired_state("a", &me, &nodes, 25);
             let got: Vec<String> = s.peers[&key(2)]

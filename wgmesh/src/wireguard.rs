@@ -118,6 +118,10 @@ pub trait WgDevice: Send {
     }
     /// Changes endpoint, allowed IPs or keepalive of an existing peer.
     fn update_peer(&mut self, peer: &PeerSpec) -> Result<(), Error>;
+    /// Updates existing peers; backends may batch them into fewer round trips.
+    fn update_peers(&mut self, peers: &[PeerSpec]) -> Result<(), Error> {
+        peers.iter().try_for_each(|p| self.update_peer(p))
+    }
     fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error>;
 }
 

@@ -293,9 +293,22 @@ impl WgDevice for UapiDevice {
     }
 
     fn update_peer(&mut self, peer: &PeerSpec) -> Result<(), Error> {
-        // boringtun panics on in-place peer updates: remove, then add, as two transactions.
-        self.remove_peer(&peer.public_key)?;
-        self.add_peer(peer)
+        self.update_peers(std::slice::from_ref(peer))
+    }
+
+    fn update_peers(&mut self, peers: &[PeerSpec]) -> Result<(), Error> {
+        // boringtun panics on in-place peer updates: remove, then add, as two transactions, each
+        // covering every peer to update (one round trip each instead of two per peer: a change
+        // that touches every peer, like host encryption coming on, costs two transactions).
+        for chunk in peers.chunks(UAPI_BATCH) {
+            let body: String = chunk
+                .iter()
+                .map(|p| format!("public_key={}\nremove=true\n", p.public_key.to_hex()))
+                .collect();
+            self.set("remove peers to update", &body)?;
+            self.add_peers(chunk)?;
+        }
+        Ok(())
     }
 
     fn remove_peer(&mut self, key: &PublicKey) -> Result<(), Error> {
