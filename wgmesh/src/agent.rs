@@ -170,12 +170,15 @@ struct PassTimes {
     routes: Duration,
 }
 
-/// Host routes being written while the pass goes on.
+/// Host routes: pod CIDR → source address.
+type HostRoutes = BTreeMap<IpNet, IpAddr>;
+
+/// (added, removed) routes, or why not.
+type RouteSync = Result<(usize, usize), netlink::Error>;
+
+/// Host routes being written while the pass goes on: the outcome and what was written.
 struct HostRoutesJob {
-    task: tokio::task::JoinHandle<(
-        Result<(usize, usize), netlink::Error>,
-        BTreeMap<IpNet, IpAddr>,
-    )>,
+    task: tokio::task::JoinHandle<(RouteSync, HostRoutes)>,
     oif: u32,
     started: Instant,
 }
@@ -240,7 +243,7 @@ pub struct Agent {
     plumbing_due: bool,
     /// Host routes last written (tunnel index, routes), so a pass without changes skips the
     /// route dump; cleared whenever the plumbing is redone.
-    host_routes_applied: Option<(u32, BTreeMap<IpNet, IpAddr>)>,
+    host_routes_applied: Option<(u32, HostRoutes)>,
     /// The eBPF map contents last written after the initial list (remote, cluster, local CIDRs,
     /// peer hosts): a pass that wants the same skips reading 5,000-entry maps back. Cleared with
     /// the plumbing (the periodic resync), so drift is repaired.
