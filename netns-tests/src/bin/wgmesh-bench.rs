@@ -1434,7 +1434,7 @@ mod control_section {
         node.start_agent()?;
         let timeout = Duration::from_secs(120 + n as u64 / 10);
         // Converged = the agent logs the reconcile that programmed all N peers: it writes that
-        // line after adding the peers to the device and then the CIDRs to the eBPF maps. Its
+        // line after adding the peers to the device, the CIDRs to the eBPF maps and the routes. Its
         // timestamp is the measurement; watching the log file costs the agent and the device
         // nothing (polling /status or `wg show` would: both read the device over its UAPI socket
         // while the agent is writing to it). Checked afterwards on /status and the device.
@@ -1682,7 +1682,7 @@ mod control_section {
         Ok(json!({
             "runs": plan.runs,
             "sizes": sizes,
-            "fake_nodes": format!("pod CIDRs {FAKE_RANGE} in /{FAKE_PREFIX}s, endpoints 192.0.2.100-199 (no such hosts), keys from wg pubkey"),
+            "fake_nodes": format!("pod CIDRs {FAKE_RANGE} in /{FAKE_PREFIX}s, endpoints 192.0.2.100-199 (no such hosts), keys from wg pubkey, each publishing a host address of its own from {FAKE_HOSTS} (host encryption with every node: one more allowed IP per peer, in the floor's config too, and one route per pod CIDR)"),
             "targets": {
                 "nodes": at_max["nodes"],
                 "ratio_to_floor": at_max["ratio_to_floor"],
@@ -2294,7 +2294,7 @@ mod report {
         let _ = writeln!(md, "## 3. Control plane at scale\n");
         let _ = writeln!(
             md,
-            "One real node (`a`, agent with `--backend userspace`, RUST_LOG=info) and N fake Nodes in the API stand-in ({}). Per run: first the floor — a fresh `wgmesh-agent device` (the same boringtun device the agent uses) and `wg setconf` of the same N peers, timed. Then the agent starts on a fresh node (no key, no device, no pins) and is timed until it logs the reconcile that programmed all N peers: it writes that line after adding the peers to the device and then the CIDRs to the eBPF maps. The bench watches the log file every 20 ms and uses the line's own timestamp, so the measurement never competes with the agent for the device's UAPI socket (polling `/status` or `wg show` would: both read the device). Then it checks that `/status` lists N peers and N remote CIDRs read back from the map and that `wg show` has N peers. Then one fake Node's public key is changed by a merge patch and timed the same way, up to the reconcile that swapped the peer, checked on the device. \"Seen by the bench\" is when the bench noticed (log polling and process start-up included). Medians of {} runs; ratio = median of per-run (agent ÷ floor). Peak RSS = VmHWM (max over runs). Requests = the stand-in's counters for the agent's address. Steady state: requests and writes during a window after convergence (first run only), which includes the agent's 30 s full resync when longer than 30 s.\n",
+            "One real node (`a`, agent with `--backend userspace`, RUST_LOG=info) and N fake Nodes in the API stand-in ({}). Per run: first the floor — a fresh `wgmesh-agent device` (the same boringtun device the agent uses) and `wg setconf` of the same N peers, timed. Then the agent starts on a fresh node (no key, no device, no pins) and is timed until it logs the reconcile that programmed all N peers: it writes that line after adding the peers to the device, the CIDRs and host addresses to the eBPF maps, and the host-encryption routes (written meanwhile). The bench watches the log file every 20 ms and uses the line's own timestamp, so the measurement never competes with the agent for the device's UAPI socket (polling `/status` or `wg show` would: both read the device). Then it checks that `/status` lists N peers and N remote CIDRs read back from the map and that `wg show` has N peers. Then one fake Node's public key is changed by a merge patch and timed the same way, up to the reconcile that swapped the peer, checked on the device. \"Seen by the bench\" is when the bench noticed (log polling and process start-up included). Medians of {} runs; ratio = median of per-run (agent ÷ floor). Peak RSS = VmHWM (max over runs). Requests = the stand-in's counters for the agent's address. Steady state: requests and writes during a window after convergence (first run only), which includes the agent's 30 s full resync when longer than 30 s.\n",
             r["fake_nodes"].as_str().unwrap_or("?"),
             r["runs"]
         );
