@@ -355,37 +355,15 @@ impl Netlink {
 
     /// Deletes every route in `table` (the table is wgmesh's own).
     pub async fn flush_table(&self, table: u32) -> Result<usize, Error> {
-        let mut n = 0;
-        for v in [IpVersion::V4, IpVersion::V6] {
-            let filter = match v {
-                IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
-                    .table_id(table)
-                    .build(),
-                IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
-                    .table_id(table)
-                    .build(),
-            };
-            let routes: Vec<RouteMessage> = self
-                .handle
+        let routes = self.table_routes(table).await?;
+        let n = routes.len();
+        for r in routes {
+            self.handle
                 .route()
-                .get(filter)
+                .del(r)
                 .execute()
-                .try_collect()
                 .await
-                .map_err(req("list routes"))?;
-            for r in routes {
-                let in_table = r.attributes.contains(&RouteAttribute::Table(table))
-                    || u32::from(r.header.table) == table;
-                if in_table {
-                    self.handle
-                        .route()
-                        .del(r)
-                        .execute()
-                        .await
-                        .map_err(req("delete route"))?;
-                    n += 1;
-                }
-            }
+                .map_err(req("delete route"))?;
         }
         Ok(n)
     }

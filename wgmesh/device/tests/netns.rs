@@ -9,6 +9,16 @@ use std::{
 
 const UAPI_DIR: &str = "/var/run/wireguard";
 
+/// `ip -n NS addr add CIDR dev DEV` (CIDR may carry flags after a space, like `nodad`).
+fn add_addr(ns: &str, cidr: &str, dev: &str) {
+    let mut args = vec!["ip", "-n", ns, "addr", "add"];
+    let mut parts = cidr.split(' ');
+    args.extend(parts.next());
+    args.extend(["dev", dev]);
+    args.extend(parts);
+    run(&args);
+}
+
 fn run(args: &[&str]) -> Output {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -127,16 +137,7 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
     let bin = env!("CARGO_BIN_EXE_wgmesh-device");
     let (k, p): (Vec<_>, Vec<_>) = (0..2).map(|_| genkey()).unzip();
     for i in 0..2 {
-        run(&[
-            "ip",
-            "-n",
-            &tb.ns[i],
-            "addr",
-            "add",
-            &format!("{}/24", under[i]),
-            "dev",
-            &veth[i],
-        ]);
+        add_addr(&tb.ns[i], &format!("{}/24", under[i]), &veth[i]);
         run(&["ip", "-n", &tb.ns[i], "link", "set", &veth[i], "up"]);
         let child = Command::new("ip")
             .args(["netns", "exec", &tb.ns[i], bin, &tb.ifname[i], "2"])
@@ -167,27 +168,13 @@ fn two_devices_carry_ping_and_tcp_over_a_veth() {
                 &format!("{}/32,{}/128", tunnel[o], tunnel6[o]),
             ],
         );
-        run(&[
-            "ip",
-            "-n",
+        add_addr(&tb.ns[i], &format!("{}/24", tunnel[i]), &tb.ifname[i]);
+        // No duplicate address detection: the address is usable at once.
+        add_addr(
             &tb.ns[i],
-            "addr",
-            "add",
-            &format!("{}/24", tunnel[i]),
-            "dev",
+            &format!("{}/64 nodad", tunnel6[i]),
             &tb.ifname[i],
-        ]);
-        run(&[
-            "ip",
-            "-n",
-            &tb.ns[i],
-            "addr",
-            "add",
-            &format!("{}/64", tunnel6[i]),
-            "dev",
-            &tb.ifname[i],
-            "nodad",
-        ]);
+        );
         run(&[
             "ip",
             "-n",
