@@ -225,11 +225,6 @@ fn add_host_addresses(
     if own.is_empty() {
         return;
     }
-    let peered: BTreeMap<String, PublicKey> = out
-        .peers
-        .values()
-        .map(|p| (p.node.clone(), p.public_key))
-        .collect();
     // One set probe per prefix length in use instead of a scan of every CIDR: this runs for every
     // peer on every pass.
     let lens: BTreeSet<(bool, u8)> = out
@@ -245,88 +240,78 @@ fn add_host_addresses(
             .map(|n| n.trunc())
             .any(|n| out.cluster_cidrs.contains(&n) || out.local_cidrs.contains(&n))
     };
+    let warn = |node: &str, reason: String| Skipped {
+        node: node.to_owned(),
+        reason,
+        expected: false,
+    };
+    let mut warnings = Vec::new();
     let mut claims: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
-    let mut wanted: Vec<(&str, Vec<IpAddr>)> = Vec::new();
-    for rec in nodes
-        .iter()
-        .filter(|n| peered.contains_key(n.name.as_str()))
-    {
+    // (peer, its node's name, the addresses that passed the checks so far)
+    let mut wanted: Vec<(PublicKey, &str, Vec<IpAddr>)> = Vec::new();
+    for peer in out.peers.values() {
+        // `nodes` is sorted by name (desired_state), and every peer comes from one of them.
+        let Ok(i) = nodes.binary_search_by(|n| n.name.as_str().cmp(&peer.node)) else {
+            continue;
+        };
+        let rec = nodes[i];
         let addrs = match rec.host_addresses() {
             Ok(a) => a,
             Err(reason) => {
-                out.host_warnings.push(Skipped {
-                    node: rec.name.clone(),
-                    reason,
-                    expected: false,
-                });
+                warnings.push(warn(&rec.name, reason));
                 continue;
             }
         };
         let mut keep = Vec::new();
         for ip in addrs {
-            let problem = if own.contains(&ip) {
-                Some(format!("host address {ip} is this node's own"))
+            if own.contains(&ip) {
+                warnings.push(warn(
+                    &rec.name,
+                    format!("host address {ip} is this node's own"),
+                ));
             } else if in_pod_cidr(&ip) {
-                Some(format!("host address {ip} lies in a pod CIDR"))
+                warnings.push(warn(
+                    &rec.name,
+                    format!("host address {ip} lies in a pod CIDR"),
+                ));
             } else {
-                None
-            };
-            match problem {
-                Some(reason) => out.host_warnings.push(Skipped {
-                    node: rec.name.clone(),
-                    reason,
-                    expected: false,
-                }),
-                None => {
-                    claims.entry(ip).or_default().push(&rec.name);
-                    keep.push(ip);
-                }
+                claims.entry(ip).or_default().push(&rec.name);
+                keep.push(ip);
             }
         }
         if !keep.is_empty() {
-            wanted.push((&rec.name, keep));
+            wanted.push((peer.public_key, &rec.name, keep));
         }
     }
-    for (name, addrs) in wanted {
-        let mut kept = Vec::new();
-        for ip in addrs {
-            let owners = &claims[&ip];
-            if owners.len() > 1 {
-                let others: Vec<&str> = owners.iter().copied().filter(|o| *o != name).collect();
-                out.host_warnings.push(Skipped {
-                    node: name.to_owned(),
-                    reason: format!(
-                        "host address {ip} is also published by node {}",
-                        others.join(", ")
-                    ),
-                    expected: false,
-                });
-            } else {
-                kept.push(ip);
-            }
+    for (key, name, addrs) in wanted {
+        let (kept, shared): (Vec<IpAddr>, Vec<IpAddr>) =
+            addrs.into_iter().partition(|ip| claims[ip].len() == 1);
+        for ip in shared {
+            let others: Vec<&str> = claims[&ip].iter().copied().filter(|o| *o != name).collect();
+            warnings.push(warn(
+                name,
+                format!(
+                    "host address {ip} is also published by node {}",
+                    others.join(", ")
+                ),
+            ));
         }
-        if kept.is_empty() {
-            continue;
-        }
-        let Some(peer) = out.peers.get_mut(&peered[name]) else {
+        let Some(peer) = out.peers.get_mut(&key).filter(|_| !kept.is_empty()) else {
             continue;
         };
-        for ip in &kept {
-            peer.allowed_ips.push(IpNet::from(*ip));
-            out.peer_hosts.insert(*ip);
-        }
-        peer.allowed_ips.sort();
-        peer.allowed_ips.dedup();
-        for cidr in peer
-            .allowed_ips
-            .iter()
-            .filter(|c| !kept.iter().any(|ip| IpNet::from(*ip) == **c))
-        {
+        // The peer's allowed IPs are its pod CIDRs until the host addresses join them.
+        for cidr in &peer.allowed_ips {
             if let Some(src) = own.iter().find(|o| o.is_ipv4() == cidr.addr().is_ipv4()) {
                 out.host_routes.insert(*cidr, *src);
             }
         }
+        peer.allowed_ips
+            .extend(kept.iter().map(|ip| IpNet::from(*ip)));
+        peer.allowed_ips.sort();
+        peer.allowed_ips.dedup();
+        out.peer_hosts.extend(kept);
     }
+    out.host_warnings.extend(warnings);
     out.host_warnings
         .sort_by(|a, b| (&a.node, &a.reason).cmp(&(&b.node, &b.reason)));
 }
