@@ -391,4 +391,57 @@ mod tests {
             assert!(s.contains(want), "{want} missing in {s}");
         }
     }
+
+    /// Given a device socket that records every transaction,
+    /// when three peers are updated at once,
+    /// then the device sees two transactions: every removal, then every peer spelled out again
+    /// (not two per peer: a change touching every peer stays two round trips).
+    #[test]
+    fn peer_updates_are_two_transactions_whatever_their_number() {
+        use std::{io::BufRead as _, os::unix::net::UnixListener};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wg0.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for stream in listener.incoming().take(2) {
+                let stream = stream.unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut body = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\n" {
+                        break;
+                    }
+                    body.push_str(&line);
+                }
+                (&stream).write_all(b"errno=0\n\n").unwrap();
+                seen.push(body);
+            }
+            seen
+        });
+        let mut dev = UapiDevice {
+            ifname: "wg0".into(),
+            path,
+        };
+        let peers: Vec<PeerSpec> = (1..=3u8)
+            .map(|n| PeerSpec {
+                node: format!("n{n}"),
+                public_key: PublicKey::from_bytes([n; 32]),
+                endpoint: format!("192.0.2.{n}:51820").parse().unwrap(),
+                allowed_ips: vec![format!("198.18.{n}.0/24").parse().unwrap()],
+                keepalive: 25,
+            })
+            .collect();
+        dev.update_peers(&peers).unwrap();
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let removes: String = peers
+            .iter()
+            .map(|p| format!("public_key={}\nremove=true\n", p.public_key.to_hex()))
+            .collect();
+        assert_eq!(seen[0], format!("set=1\n{removes}"));
+        let adds: String = peers.iter().map(peer_section).collect();
+        assert_eq!(seen[1], format!("set=1\n{adds}"));
+    }
 }
