@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{flood_interval, handshaken_mesh, published_key, wgmeshctl_on};
+use crate::support::{flood_interval, handshaken_mesh, published_key, wgmeshctl_ok};
 
 /// Given a two-node mesh with an established TCP stream a1 -> b1 and a 100 packet/s ping b1 -> a1,
 /// when node a is asked to rotate its key,
@@ -27,15 +27,11 @@ fn rotation_keeps_streams_and_reaches_every_peer() -> TestResult {
 
     // The operator's command, run on another node, waits until the rotation is complete.
     let b = bed.node("b");
-    let (code, out, err) = wgmeshctl_on(
+    wgmeshctl_ok(
         &bed,
         &b,
         &["rotate", "--node", "a", "--wait", "--timeout", "90s"],
     )?;
-    ensure!(
-        code == 0,
-        "wgmeshctl rotate --wait exited {code}:\n{err}\n{out}"
-    );
     bed.eventually("node a publishes generation 2", || {
         let ann = api.node_annotations("a")?;
         ensure!(
@@ -193,8 +189,7 @@ fn rotation_interrupted_by_agent_restarts_is_finished_by_the_next_agent() -> Tes
 
     // 1. Requested while the agent is down.
     a.stop_agent(Signal::SIGKILL)?;
-    let (code, out, err) = wgmeshctl_on(&bed, &b, &["rotate", "--node", "a"])?;
-    ensure!(code == 0, "wgmeshctl rotate exited {code}:\n{err}\n{out}");
+    wgmeshctl_ok(&bed, &b, &["rotate", "--node", "a"])?;
     a.start_agent()?;
     let second = rotation_completes(&bed, "a", 2)?;
     ensure!(second != first, "generation 2 kept the old key");
@@ -286,15 +281,11 @@ fn rotate_all_rotates_every_live_node_in_turn() -> TestResult {
     let pings = b1.ping_flood(&a1, flood_interval(), Duration::from_secs(20));
 
     let c = bed.node("c");
-    let (code, out, err) = wgmeshctl_on(
+    let out = wgmeshctl_ok(
         &bed,
         &c,
         &["-o", "json", "rotate", "--all", "--timeout", "90s"],
     )?;
-    ensure!(
-        code == 0,
-        "wgmeshctl rotate --all exited {code}:\n{err}\n{out}"
-    );
     let summary: serde_json::Value = serde_json::from_str(&out)
         .with_context(|| format!("rotate --all printed no JSON:\n{out}"))?;
     let results = summary["results"].as_array().context("no results")?;

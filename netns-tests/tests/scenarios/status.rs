@@ -6,7 +6,7 @@ use std::time::UNIX_EPOCH;
 use serde_json::Value;
 use wgmesh_netns_tests::prelude::*;
 
-use crate::support::{handshaken_mesh, parse_rfc3339, wgmeshctl_on};
+use crate::support::{handshaken_mesh, parse_rfc3339, wgmeshctl_ok, wgmeshctl_on};
 
 /// `wg show dump` reduced to comparable text rows, and the same rows from the agent's status.
 fn rows_from_dump(d: &WgDump) -> Vec<String> {
@@ -147,12 +147,7 @@ fn agent_status_matches_wg_show() -> TestResult {
             );
             Ok(())
         })?;
-        let (code, out, err) = wgmeshctl_on(&bed, &n, &["status", "--check"])?;
-        ensure!(
-            code == 0,
-            "wgmeshctl status --check on {} exited {code}:\n{out}{err}",
-            n.name()
-        );
+        wgmeshctl_ok(&bed, &n, &["status", "--check"])?;
     }
     Ok(())
 }

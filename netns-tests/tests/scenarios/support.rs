@@ -104,6 +104,19 @@ pub fn wgmeshctl_on(bed: &Testbed, node: &Node, args: &[&str]) -> Result<(i32, S
     ))
 }
 
+/// [`wgmeshctl_on`] that must exit 0; returns its standard output (the error carries both
+/// streams).
+pub fn wgmeshctl_ok(bed: &Testbed, node: &Node, args: &[&str]) -> Result<String> {
+    let (code, out, err) = wgmeshctl_on(bed, node, args)?;
+    ensure!(
+        code == 0,
+        "wgmeshctl {} on {} exited {code}:\n{out}{err}",
+        args.join(" "),
+        node.name()
+    );
+    Ok(out)
+}
+
 /// `2026-11-26T06:03:48Z` → seconds since the epoch.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let t: jiff::Timestamp = s.parse().ok()?;
